@@ -1,0 +1,212 @@
+"""The ``semid`` command line: deidentify, render, info, data.
+
+Bad input ends with one sentence on stderr and exit code 2; an unexpected failure with one sentence
+and exit code 1 (the traceback only with ``SEMID_DEBUG=1``). Outputs are written to temporary names
+and renamed, so an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from semid import __version__
+from semid.errors import InputError
+
+
+class _Stages:
+    """Progress over the named stages of a run, on stderr (a tqdm bar; silent with ``--quiet``)."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", file=sys.stderr, leave=False,
+                            bar_format="{desc:<34} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+
+    def __call__(self, stage: str) -> None:
+        if self.bar is not None:
+            if self.bar.desc:
+                self.bar.update(1)
+            self.bar.set_description_str(stage)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def default_record_path(out: Path) -> Path:
+    """``OUT``'s record: beside it, same stem, ``.json`` (for a DICOM folder: ``OUT.json``)."""
+    from semid.io import volume_suffix
+
+    suffix = volume_suffix(out)
+    stem = out.name[: -len(suffix)] if suffix else out.name
+    return out.with_name(stem + ".json")
+
+
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    from semid.io import check_output_path, read_volume, write_volume
+    from semid.pipeline import Deidentifier, parse_level
+
+    level = parse_level(args.level)
+    out = check_output_path(args.output, args.input)
+    record_path = Path(args.record) if args.record else default_record_path(out)
+    check_output_path(record_path, args.input)
+    if args.qc:
+        check_output_path(args.qc, args.input)
+    started = time.perf_counter()
+    stages = _Stages(8 if args.qc else 7, args.quiet)
+    try:
+        stages("reading the volume")
+        image = read_volume(args.input)
+        result = Deidentifier(level).run(image, progress=stages)
+        stages("writing the output")
+        write_volume(result.image, out)
+        result.record["elapsed_s"] = round(time.perf_counter() - started, 3)
+        _write_json(result.record, record_path)
+        if args.qc:
+            from semid.render import qc_figure
+
+            stages("drawing the QC picture")
+            qc_figure(image, result.image, result.mask, args.qc, result.record)
+    finally:
+        stages.close()
+    rec = result.record
+    if not args.quiet:
+        print(f"de-identified at level {rec['level']:g} ({rec['preset'] or 'custom'}): blocked "
+              f"{rec['blocked_ml']:.1f} ml, voxels changed outside the block: "
+              f"{rec['voxels_changed_outside_block']}, brain voxels changed: {rec.get('brain_voxels_changed', 0)}"
+              f" ({rec['elapsed_s']:.1f} s)")
+        print(f"output: {out}\nrecord: {record_path}" + (f"\nQC picture: {args.qc}" if args.qc else ""))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from semid.io import check_output_path, read_volume
+    from semid.render import VIEWS, save_render_png
+
+    views = [v.strip() for v in args.views.split(",") if v.strip()]
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise InputError(f"Unknown view {unknown[0] if unknown else ''!r}: use frontal, lateral or both.")
+    out = check_output_path(args.png, args.input)
+    if not args.quiet:
+        print("rendering ...", file=sys.stderr)
+    save_render_png(read_volume(args.input), out, views, size=args.size)
+    if not args.quiet:
+        print(f"render: {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from semid.identity import guess_modality
+    from semid.io import geometry, modality_of, read_volume
+
+    image = read_volume(args.input)
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(image)
+    info = {
+        **geometry(image),
+        "pixel_type": image.GetPixelIDTypeAsString(),
+        "modality": guess_modality(image, modality_of(image)),
+        "modality_declared": bool(modality_of(image)),
+        "min": stats.GetMinimum(),
+        "max": stats.GetMaximum(),
+        "volume_ml": float(np.prod(image.GetSize()) * np.prod(image.GetSpacing()) / 1000.0),
+        "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            if isinstance(value, list):
+                value = " ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)
+            print(f"{key:18s} {value}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from semid.data import data_dir, fetch
+
+    root = Path(args.dir) if args.dir else data_dir()
+    fetch(root)
+    print(f"data ready in {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semid", description="Adjustable, semantics-preserving de-identification of head CT and MRI.")
+    parser.add_argument("--version", action="version", version=f"semid {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("deidentify", help="de-identify one volume (NIfTI, NRRD, MHA or a DICOM series folder)")
+    p.add_argument("input", help="input volume file or DICOM series folder")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha) or a new folder for DICOM")
+    p.add_argument("--level", default="high",
+                   help="privacy level: off, low, medium, high, max, or a number 0..1 (default high)")
+    p.add_argument("--record", help="where to write the JSON record (default: beside OUT, .json)")
+    p.add_argument("--qc", help="also write a QC picture (PNG): slices and renders, original beside output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    p.set_defaults(func=cmd_deidentify)
+
+    p = sub.add_parser("render", help="frontal and lateral 3D surface render of a volume to PNG")
+    p.add_argument("input")
+    p.add_argument("png")
+    p.add_argument("--views", default="frontal,lateral", help="comma-separated: frontal, lateral")
+    p.add_argument("--size", type=int, default=512, help="pixels per view side (default 512)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("info", help="geometry, pixel type and modality of a volume")
+    p.add_argument("input")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("data", help="fetch the public sample heads and build the atlas")
+    p.add_argument("action", choices=["fetch"])
+    p.add_argument("--dir", help="data folder (default: $SEMID_DATA_DIR or .data in the checkout)")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"semid: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semid: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the user gets one sentence, developers set SEMID_DEBUG
+        if os.environ.get("SEMID_DEBUG"):
+            raise
+        print(f"semid: error: internal failure ({type(exc).__name__}); rerun with SEMID_DEBUG=1 and "
+              "report the output.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""User-facing errors: one clear sentence saying what is wrong and what to do, never PHI."""
+
+
+class InputError(ValueError):
+    """Bad input from the user: the message is shown as it is, without a traceback.
+
+    Messages must not contain PHI (patient names, IDs, dates) or full paths of inputs that may
+    carry PHI in their names; callers pass only what is needed to act.
+    """

@@ -1,0 +1,381 @@
+"""Where identity lives in a head: the head mask, the identity atlas, its registration, and ``s(x)``.
+
+The identity region (face soft tissue, nose, lips, eyes, ears, plus a margin of air in front of the
+face so a large nose is never left outside it) and the identity score ``s(x)`` in [0, 1] are defined
+once on an average head (pydeface's mean T1w head, with the MNI152 brain brought in through the
+MNI305 head, which shares MNI space with it). For each subject, the average head is registered to the
+subject's head with an affine transform; the registration matches smoothed *head masks*, not
+intensities, so it works the same for MR and CT and for any storage orientation. When the first
+registration fits poorly, a search over the 24 axis-aligned starting orientations follows, which
+recovers heads whose header orientation is wrong; if nothing fits, the volume is not a head.
+
+SimpleITK does the registration and resampling; numpy only does what ITK has no filter for (the
+analytic zone definitions and the ranking).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+#: Head-mask threshold for CT, in Hounsfield units (between air/foam and skin).
+CT_HEAD_HU = -300.0
+#: Grid spacing (mm) on which registration runs.
+REGISTRATION_SPACING = 4.0
+#: Head-mask Dice below which the registration is not trusted and the orientation search starts.
+GOOD_FIT_DICE = 0.85
+#: Head-mask Dice below which the volume is taken not to contain a head.
+HEAD_DICE = 0.72
+#: Head volume (ml) below which a foreground is too small to be a head.
+MIN_HEAD_ML = 600.0
+ATLAS_VERSION = "atlas-v1"
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def guess_modality(image: sitk.Image, declared: str = "") -> str:
+    """"CT" or "MR": what the header declared, else CT when the volume holds Hounsfield-like air."""
+    if declared in ("CT", "MR"):
+        return declared
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(image)
+    return "CT" if stats.GetMinimum() <= -500 else "MR"
+
+
+def head_threshold(image: sitk.Image, modality: str) -> float:
+    """Intensity that separates the head from the air around it (HU for CT, Otsu for MR)."""
+    if modality == "CT":
+        return CT_HEAD_HU
+    small = _downsample(sitk.Cast(image, sitk.sitkFloat32), 2.0)
+    arr = sitk.GetArrayViewFromImage(small)
+    hi = float(np.percentile(arr, 99.5))
+    clipped = sitk.Clamp(small, sitk.sitkFloat32, float(arr.min()), hi)
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetInsideValue(0)
+    otsu.SetOutsideValue(1)
+    otsu.Execute(clipped)
+    # Otsu on a T1 head sits between background and grey tissue; half of it keeps dark skin and fat-poor
+    # faces in the mask while staying far above the noise floor.
+    return 0.5 * float(otsu.GetThreshold())
+
+
+def head_mask(image: sitk.Image, threshold: float, fill: bool = True) -> sitk.Image:
+    """Binary uint8 mask of the head: above ``threshold``, largest connected part, holes filled.
+
+    Works on the image's own grid; slice-wise hole filling would break on oblique data, so holes are
+    filled in 3D.
+    """
+    fg = sitk.Cast(sitk.Cast(image, sitk.sitkFloat32) >= float(threshold), sitk.sitkUInt8)
+    # An opening detaches thin things touching the head (CT table foam, coil pads, noise bridges).
+    radius = [max(1, int(round(1.5 / s))) for s in image.GetSpacing()]
+    fg = sitk.BinaryMorphologicalOpening(fg, radius)
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
+    mask = sitk.Equal(cc, 1)
+    if fill:
+        mask = sitk.BinaryFillhole(mask)
+    return sitk.Cast(mask, sitk.sitkUInt8)
+
+
+def mask_volume_ml(mask: sitk.Image) -> float:
+    """Volume of the non-zero voxels of ``mask`` in millilitres."""
+    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
+    return float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * voxel_ml
+
+
+def _downsample(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear) -> sitk.Image:
+    """Resample onto a grid of ``spacing`` mm with the same direction and physical extent."""
+    size = image.GetSize()
+    old = image.GetSpacing()
+    new_size = [max(2, int(round(n * s / spacing))) for n, s in zip(size, old, strict=True)]
+    new_spacing = [n * s / m for n, s, m in zip(size, old, new_size, strict=True)]
+    # Keep the physical extent: the first voxel centre moves by half the change of voxel size.
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    shift = direction @ (0.5 * (np.array(new_spacing) - np.array(old)))
+    origin = np.array(image.GetOrigin()) + shift
+    return sitk.Resample(image, new_size, sitk.Transform(), interpolator, origin.tolist(), new_spacing,
+                         image.GetDirection(), 0.0, image.GetPixelID())
+
+
+def _smooth_mask(mask: sitk.Image, spacing: float = REGISTRATION_SPACING) -> sitk.Image:
+    """A head mask as a smooth float image on a coarse grid: what the registration matches."""
+    smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(mask, sitk.sitkFloat32), spacing)
+    return _downsample(smooth, spacing)
+
+
+# ----------------------------------------------------------------------------------------- registration
+
+
+@dataclass
+class Fit:
+    """An affine fit of the atlas (fixed, template space) to a subject (moving).
+
+    ``transform`` maps template points to subject points (ITK's fixed-to-moving convention); its
+    inverse maps subject points into the template.
+    """
+
+    transform: sitk.AffineTransform
+    dice: float
+    searched_orientations: bool
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
+              iterations: int = 120) -> sitk.AffineTransform:
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMeanSquares()
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetInitialTransform(initial, inPlace=False)
+    out = reg.Execute(fixed, moving)
+    return _as_affine(out)
+
+
+def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    """Flatten any composite/Euler/similarity/affine transform into one AffineTransform."""
+    if isinstance(transform, sitk.CompositeTransform):
+        transform.FlattenTransform()
+        transform = transform.GetNthTransform(0) if transform.GetNumberOfTransforms() == 1 else transform
+    if isinstance(transform, sitk.CompositeTransform):
+        # compose by sampling: A x + t from the images of the origin and unit vectors
+        t0 = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+        cols = [np.array(transform.TransformPoint(tuple(e))) - t0 for e in np.eye(3)]
+        affine = sitk.AffineTransform(3)
+        affine.SetMatrix(np.column_stack(cols).ravel().tolist())
+        affine.SetTranslation(t0.tolist())
+        return affine
+    generic = sitk.Transform(transform)
+    try:
+        affine = sitk.AffineTransform(generic)
+    except (RuntimeError, TypeError):
+        affine = sitk.AffineTransform(3)
+        affine.SetMatrix(transform.GetMatrix())
+        affine.SetTranslation(transform.GetTranslation())
+        affine.SetCenter(transform.GetCenter())
+    return affine
+
+
+def _dice_on(fixed_mask: sitk.Image, moving_mask: sitk.Image, transform: sitk.Transform) -> float:
+    warped = sitk.Resample(moving_mask, fixed_mask, transform, sitk.sitkNearestNeighbor, 0)
+    a = sitk.GetArrayViewFromImage(fixed_mask) > 0
+    b = sitk.GetArrayViewFromImage(warped) > 0
+    denom = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 0.0
+
+
+def _axis_rotations() -> list[np.ndarray]:
+    """The 24 proper rotations that map coordinate axes onto coordinate axes."""
+    mats = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            m = np.zeros((3, 3))
+            for i, (p, s) in enumerate(zip(perm, signs, strict=True)):
+                m[i, p] = s
+            if np.isclose(np.linalg.det(m), 1.0):
+                mats.append(m)
+    return mats
+
+
+def fit_atlas(atlas_mask: sitk.Image, subject_mask: sitk.Image) -> Fit:
+    """Affine fit of the atlas head mask to the subject head mask (both binary, any grids).
+
+    Returns the transform (template -> subject points) and the head-mask Dice it reaches on the
+    template grid. Tries the header's orientation first, then the 24 axis-aligned orientations.
+    """
+    fixed_bin = _downsample(atlas_mask, REGISTRATION_SPACING, sitk.sitkNearestNeighbor)
+    moving_bin = _downsample(subject_mask, REGISTRATION_SPACING, sitk.sitkNearestNeighbor)
+    fixed = _smooth_mask(atlas_mask)
+    moving = _smooth_mask(subject_mask)
+
+    def attempt(rotation: np.ndarray | None) -> tuple[sitk.AffineTransform, float]:
+        init = sitk.CenteredTransformInitializer(
+            fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+        init = sitk.AffineTransform(init)
+        if rotation is not None:
+            init.SetMatrix(rotation.ravel().tolist())
+        similarity = _register(fixed, moving, _similarity_from(init), iterations=80)
+        affine = _register(fixed, moving, similarity, iterations=120)
+        return affine, _dice_on(fixed_bin, moving_bin, affine)
+
+    best, dice = attempt(None)
+    searched = False
+    if dice < GOOD_FIT_DICE:
+        searched = True
+        for rotation in _axis_rotations()[1:]:
+            candidate, cdice = attempt(rotation)
+            if cdice > dice:
+                best, dice = candidate, cdice
+            if dice >= GOOD_FIT_DICE:
+                break
+    return Fit(best, dice, searched)
+
+
+def _similarity_from(affine: sitk.AffineTransform) -> sitk.Similarity3DTransform:
+    sim = sitk.Similarity3DTransform()
+    sim.SetCenter(affine.GetCenter())
+    matrix = np.array(affine.GetMatrix()).reshape(3, 3)
+    u, _, vt = np.linalg.svd(matrix)
+    rot = u @ vt
+    if np.linalg.det(rot) < 0:
+        u[:, -1] *= -1
+        rot = u @ vt
+    sim.SetMatrix(rot.ravel().tolist())
+    sim.SetTranslation(affine.GetTranslation())
+    return sim
+
+
+# ---------------------------------------------------------------------------------------------- atlas
+
+#: Atlas grid spacing (mm): the score and the blank surface are smooth, 2 mm is plenty.
+ATLAS_SPACING = 2.0
+#: Depth (mm) of the identity region under the skin, and air margin (mm) in front of it.
+FACE_DEPTH_MM, EAR_DEPTH_MM, FOREHEAD_DEPTH_MM, AIR_MARGIN_MM = 28.0, 14.0, 8.0, 14.0
+#: Margin (mm) kept between the identity region and the brain.
+BRAIN_MARGIN_MM = 8.0
+#: Gaussian scale (mm) that turns the average head into a featureless one (no nose, eyes, lips, ears).
+BLANK_SMOOTHING_MM = 9.0
+
+
+def _register_mni(mni_head: sitk.Image, mean_head: sitk.Image) -> sitk.AffineTransform:
+    """Affine MI registration of the MNI305 head (fixed) to the average head; MNI -> mean points.
+
+    MNI305's field of view is a box that cuts the chin: the metric only looks inside that box.
+    """
+    fixed = _downsample(sitk.Cast(mni_head, sitk.sitkFloat32), 3.0)
+    moving = _downsample(sitk.Cast(mean_head, sitk.sitkFloat32), 3.0)
+    fov = sitk.BinaryErode(sitk.Cast(fixed > 0, sitk.sitkUInt8), [1, 1, 1])
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricFixedMask(fov)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 300, relaxationFactor=0.7)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    init = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    reg.SetInitialTransform(init, inPlace=False)
+    return _as_affine(reg.Execute(fixed, moving))
+
+
+def _physical_points(image: sitk.Image) -> np.ndarray:
+    """World (LPS) coordinates of every voxel centre, shaped like the numpy array (z, y, x, 3)."""
+    size = image.GetSize()
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij"), axis=-1)
+    index_xyz = grid[..., ::-1].astype(np.float64)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return np.array(image.GetOrigin()) + (index_xyz * np.array(image.GetSpacing())) @ direction.T
+
+
+def _apply_affine(transform: sitk.AffineTransform, points: np.ndarray) -> np.ndarray:
+    matrix = np.array(transform.GetMatrix()).reshape(3, 3)
+    center = np.array(transform.GetCenter())
+    return (points - center) @ matrix.T + center + np.array(transform.GetTranslation())
+
+
+def _signed_distance(mask: sitk.Image) -> sitk.Image:
+    """Signed distance (mm) to the mask's surface: negative inside, positive outside."""
+    return sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False,
+                                        useImageSpacing=True)
+
+
+def identity_score_from_mni(mni_ras: np.ndarray, depth: np.ndarray, brain_dist: np.ndarray) -> np.ndarray:
+    """The identity score ``s(x)`` on the atlas grid, from each voxel's MNI (RAS) position.
+
+    Args:
+        mni_ras: (..., 3) MNI coordinates in mm, RAS (x right, y anterior, z superior).
+        depth: signed distance to the skin in mm (negative inside the head).
+        brain_dist: distance to the brain in mm (0 inside).
+
+    Returns:
+        s in [0, 1], 0 outside the identity region. The region is the face (nose, lips, eyes, cheeks,
+        chin), a thin forehead shell and the ears, to the depths of the module constants, plus air
+        in front of them; ``s`` is highest for superficial voxels near the centre of the face (nose,
+        eyes, mouth) and lower for deep, peripheral and ear voxels, so ``B_p`` grows from the face
+        centre outwards and inwards as ``p`` rises.
+    """
+    x, y, z = mni_ras[..., 0], mni_ras[..., 1], mni_ras[..., 2]
+    # Zones in MNI millimetres, measured on the average head: brow ridge at z = -15, nose tip at
+    # (0, 91, -74), chin at z = -125, outer ears at |x| = 88, y = -40..-30, z = -30..-20.
+    face = (z < -15) & (z > -140) & (y > np.where(z < -60, -5.0, 20.0)) & (np.abs(x) < 75)
+    forehead = (z >= -15) & (z < 45) & (y > 45)
+    ears = (np.abs(x) > 55) & (y > -70) & (y < 5) & (z > -65) & (z < 10)
+    outside = depth > 0
+    in_face = face & (depth <= AIR_MARGIN_MM) & (depth >= -FACE_DEPTH_MM)
+    in_forehead = forehead & (depth <= AIR_MARGIN_MM) & (depth >= -FOREHEAD_DEPTH_MM)
+    in_ears = ears & (depth <= AIR_MARGIN_MM) & (depth >= -EAR_DEPTH_MM)
+    region = (in_face | in_forehead | in_ears) & (brain_dist > BRAIN_MARGIN_MM)
+
+    centrality = np.exp(-(x**2) / (2 * 30.0**2) - ((z + 70.0) ** 2) / (2 * 45.0**2))
+    superficial = np.where(outside, 1.0, 1.0 - np.clip(-depth / FACE_DEPTH_MM, 0.0, 1.0))
+    face_score = 0.55 * centrality + 0.45 * superficial
+    ear_score = 0.25 + 0.5 * superficial
+    score = np.where(in_face | in_forehead, face_score, ear_score)
+    return np.where(region, 0.05 + 0.95 * score, 0.0).astype(np.float32)
+
+
+def build_atlas(root: Path) -> Path:
+    """Build the identity atlas from the fetched templates into ``root/atlas`` (once, ~20 s).
+
+    Files, all on one 2 mm grid of the average head: ``template.nii.gz`` (the head, for QC),
+    ``head.nii.gz`` (head mask), ``brain.nii.gz`` (MNI152 grey+white matter brought in through the
+    MNI305 head), ``score.nii.gz`` (``s(x)``, 0 outside the identity region) and ``blank_sdf.nii.gz``
+    (signed distance to a featureless head surface, used by the plain fill).
+    """
+    root = Path(root)
+    templates = root / "templates"
+    out = root / "atlas"
+    out.mkdir(parents=True, exist_ok=True)
+    mean_full = sitk.ReadImage(str(templates / "mean_head.nii.gz"), sitk.sitkFloat32)
+    mni_head = sitk.ReadImage(str(templates / "mni305_head.nii.gz"), sitk.sitkFloat32)
+    mni_to_mean = _register_mni(mni_head, mean_full)
+    mean_to_mni = mni_to_mean.GetInverse()
+
+    mean = _downsample(mean_full, ATLAS_SPACING)
+    head = head_mask(mean, head_threshold(mean, "MR"))
+    brain_prob = sitk.Resample(
+        sitk.ReadImage(str(templates / "mni152_gm.nii.gz"), sitk.sitkFloat32)
+        + sitk.ReadImage(str(templates / "mni152_wm.nii.gz"), sitk.sitkFloat32),
+        mean, mean_to_mni, sitk.sitkLinear, 0.0)
+    brain = sitk.Cast(sitk.BinaryFillhole(sitk.Cast(brain_prob > 0.35 * 255, sitk.sitkUInt8)), sitk.sitkUInt8)
+    brain = sitk.And(brain, head)
+
+    lps = _apply_affine(mean_to_mni, _physical_points(mean))
+    mni_ras = lps * np.array([-1.0, -1.0, 1.0])
+    depth = sitk.GetArrayFromImage(_signed_distance(head))
+    brain_dist = np.maximum(sitk.GetArrayFromImage(_signed_distance(brain)), 0.0)
+    score = identity_score_from_mni(mni_ras, depth, brain_dist)
+
+    smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(head, sitk.sitkFloat32), BLANK_SMOOTHING_MM)
+    blank = sitk.Cast(smooth > 0.5, sitk.sitkUInt8)
+
+    def save(arr_or_img, name: str, pixel=sitk.sitkFloat32) -> None:
+        img = arr_or_img
+        if isinstance(arr_or_img, np.ndarray):
+            img = sitk.GetImageFromArray(arr_or_img)
+            img.CopyInformation(mean)
+        sitk.WriteImage(sitk.Cast(img, pixel), str(out / name), useCompression=True)
+
+    save(mean, "template.nii.gz")
+    save(head, "head.nii.gz", sitk.sitkUInt8)
+    save(brain, "brain.nii.gz", sitk.sitkUInt8)
+    save(score, "score.nii.gz")
+    save(_signed_distance(blank), "blank_sdf.nii.gz")
+    meta = {"version": ATLAS_VERSION, "spacing_mm": ATLAS_SPACING,
+            "identity_region_ml": float((score > 0).sum()) * ATLAS_SPACING**3 / 1000.0,
+            "mni_to_template": {"matrix": list(mni_to_mean.GetMatrix()),
+                                "translation": list(mni_to_mean.GetTranslation()),
+                                "center": list(mni_to_mean.GetCenter())}}
+    (out / "atlas.json").write_text(json.dumps(meta, indent=2))
+    return out

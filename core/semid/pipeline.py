@@ -1,0 +1,331 @@
+"""The de-identifier: identity map, nested blocking at privacy level ``p``, fill, record.
+
+``Deidentifier(level).run(image)`` returns the de-identified image (same geometry and pixel type,
+voxels outside the blocked region ``B_p`` bit-identical), the mask ``B_p`` and a JSON-ready record.
+
+This first version is non-learned: the identity map comes from the registered atlas
+(``semid.identity``) and the fill is a plain one: ``B_p`` is set to air and a featureless head
+surface (the average head smoothed until nose, eyes, lips and ears are gone, blended into the
+subject's own skin at the border of ``B_p``) is filled with the subject's median soft-tissue value
+plus the subject's own background noise. The learned compensation replaces the fill later behind the
+same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from semid import __version__
+from semid import identity as idm
+from semid.errors import InputError
+from semid.io import MODALITY_KEY, modality_of, require_3d_scalar
+
+#: Privacy presets (DESIGN.md §4); any float in [0, 1] is accepted too.
+LEVEL_PRESETS: dict[str, float] = {"off": 0.0, "low": 0.25, "medium": 0.5, "high": 0.75, "max": 1.0}
+#: Width (mm) of the band inside ``B_p`` over which the fill surface blends from the subject's skin.
+BLEND_MM = 12.0
+METHOD = "atlas-registration identity map, nested blocking, featureless-surface fill (non-learned)"
+
+Progress = Callable[[str], None]
+
+
+def parse_level(level: str | float | int) -> float:
+    """A privacy level as a float in [0, 1], from a preset name or a number ("high", "0.6", 0.6).
+
+    Raises:
+        InputError: unknown preset name or a number outside [0, 1].
+    """
+    if isinstance(level, str):
+        key = level.strip().lower()
+        if key in LEVEL_PRESETS:
+            return LEVEL_PRESETS[key]
+        try:
+            value = float(key)
+        except ValueError:
+            raise InputError(
+                f"Unknown privacy level {level.strip()[:20]!r}: use off, low, medium, high, max, "
+                "or a number from 0 to 1."
+            ) from None
+    else:
+        value = float(level)
+    if not np.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InputError(
+            f"Privacy level {value:g} is out of range: use a number from 0 to 1, or off, low, medium, "
+            "high, max."
+        )
+    return value
+
+
+def preset_name(level: float) -> str | None:
+    """The preset whose value is ``level``, if any."""
+    return next((name for name, value in LEVEL_PRESETS.items() if abs(value - level) < 1e-9), None)
+
+
+@dataclass
+class Atlas:
+    """The identity atlas on its 2 mm template grid (see ``semid.identity.build_atlas``)."""
+
+    head: sitk.Image
+    brain: sitk.Image
+    score: sitk.Image
+    blank_sdf: sitk.Image
+    version: str
+
+    @classmethod
+    def load(cls, folder: Path | None = None) -> Atlas:
+        from semid.data import data_file
+
+        folder = folder or data_file("atlas")
+        meta_path = Path(folder) / "atlas.json"
+        if not meta_path.exists():
+            raise InputError("SemID's identity atlas is missing: run `make data` (or `semid data fetch`) first.")
+        meta = json.loads(meta_path.read_text())
+
+        def read(name: str) -> sitk.Image:
+            return sitk.ReadImage(str(Path(folder) / name))
+
+        return cls(read("head.nii.gz"), read("brain.nii.gz"), read("score.nii.gz"),
+                   read("blank_sdf.nii.gz"), meta["version"])
+
+
+_ATLAS_CACHE: dict[str, Atlas] = {}
+
+
+def _cached_atlas(folder: Path | None) -> Atlas:
+    key = str(folder)
+    if key not in _ATLAS_CACHE:
+        _ATLAS_CACHE[key] = Atlas.load(folder)
+    return _ATLAS_CACHE[key]
+
+
+@dataclass
+class DeidResult:
+    """What ``Deidentifier.run`` returns.
+
+    Attributes:
+        image: the de-identified volume, same geometry and pixel type as the input.
+        mask: uint8 image of ``B_p`` on the input grid (1 = blocked and refilled).
+        record: JSON-ready account of what was done and what was measured.
+    """
+
+    image: sitk.Image
+    mask: sitk.Image
+    record: dict = field(default_factory=dict)
+
+
+@dataclass
+class Deidentifier:
+    """Non-learned de-identifier behind the interface the learned one fills later.
+
+    Args:
+        level: privacy level ``p`` in [0, 1] or a preset name (off, low, medium, high, max).
+        atlas_dir: folder of the identity atlas (default: the data folder's ``atlas``).
+        seed: seed of the fill's noise, so a run is reproducible.
+    """
+
+    level: float | str = "high"
+    atlas_dir: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.level = parse_level(self.level)
+
+    def run(self, image: sitk.Image, progress: Progress | None = None) -> DeidResult:
+        """De-identify one 3D head volume (any orientation, MR or CT)."""
+        say = progress or (lambda _stage: None)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = round(now - clock, 3)
+            clock = now
+
+        image = require_3d_scalar(image)
+        stats = sitk.StatisticsImageFilter()
+        stats.Execute(image)
+        if not np.isfinite(stats.GetSum()) or stats.GetMinimum() == stats.GetMaximum():
+            raise InputError("The volume is empty or constant: give a head CT or MR volume.")
+        say("locating the head")
+        atlas = _cached_atlas(self.atlas_dir)
+        modality = idm.guess_modality(image, modality_of(image))
+        threshold = idm.head_threshold(image, modality)
+        coarse = idm._downsample(sitk.Cast(image, sitk.sitkFloat32), idm.ATLAS_SPACING)
+        head_coarse = idm.head_mask(coarse, threshold)
+        if idm.mask_volume_ml(head_coarse) < idm.MIN_HEAD_ML:
+            raise InputError("No head found in the volume (the foreground is too small): give a head CT or MR.")
+        lap("head_mask")
+        say("registering the identity atlas")
+        fit = idm.fit_atlas(atlas.head, head_coarse)
+        if fit.dice < idm.HEAD_DICE:
+            raise InputError(
+                f"No head found in the volume (best head-shape match {fit.dice:.2f}, needs "
+                f"{idm.HEAD_DICE:.2f}): SemID de-identifies head CT and MR volumes."
+            )
+        lap("registration")
+
+        say("mapping identity")
+        roi_index, roi_size = _roi_of(atlas.score, fit.transform, image)
+        arr = sitk.GetArrayViewFromImage(image)
+        out = np.array(arr, copy=True)
+        mask = np.zeros(arr.shape, dtype=np.uint8)
+        record_extra: dict = {"identity_region_ml": 0.0}
+        if roi_size is not None:
+            roi = sitk.RegionOfInterest(image, roi_size, roi_index)
+            to_atlas = fit.transform.GetInverse()
+            score = sitk.GetArrayFromImage(sitk.Resample(atlas.score, roi, to_atlas, sitk.sitkLinear, 0.0,
+                                                         sitk.sitkFloat32))
+            brain = sitk.GetArrayFromImage(sitk.Resample(atlas.brain, roi, to_atlas,
+                                                         sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+            region = (score > 0.02) & ~brain
+            blocked = nested_block(score, region, self.level)
+            lap("identity_map")
+            say("filling the blocked region")
+            sl = _roi_slices(roi_index, roi_size)
+            roi_arr = arr[sl]
+            head_roi = _head_in_roi(roi, threshold, head_coarse)
+            filled = self._fill(roi, roi_arr, head_roi, blocked, region, atlas, to_atlas)
+            out[sl][blocked] = filled[blocked]
+            mask[sl] = blocked
+            voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+            changed_roi = out[sl] != roi_arr
+            record_extra = {
+                "identity_region_ml": round(float(region.sum()) * voxel_ml, 3),
+                "blocked_tissue_ml": round(float((blocked & head_roi).sum()) * voxel_ml, 3),
+                "brain_voxels_in_block": int((blocked & brain).sum()),
+                "brain_voxels_changed": int((changed_roi & brain).sum()),
+            }
+            lap("fill")
+
+        say("writing the record")
+        result = sitk.GetImageFromArray(out)
+        result.CopyInformation(image)
+        result.SetMetaData(MODALITY_KEY, modality_of(image))
+        mask_img = sitk.GetImageFromArray(mask)
+        mask_img.CopyInformation(image)
+        changed = out != arr
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        record = {
+            "semid_version": __version__,
+            "level": self.level,
+            "preset": preset_name(self.level),
+            "method": METHOD,
+            "identity_source": "atlas-registration",
+            "atlas": atlas.version,
+            "modality": modality,
+            "registration_head_dice": round(fit.dice, 4),
+            "orientation_search": fit.searched_orientations,
+            "blocked_voxels": int(mask.sum()),
+            "blocked_ml": round(float(mask.sum()) * voxel_ml, 3),
+            **record_extra,
+            "voxels_changed": int(changed.sum()),
+            "voxels_changed_outside_block": int((changed & (mask == 0)).sum()),
+            "unchanged_fraction_outside_block": _fraction_unchanged(changed, mask),
+            "geometry_preserved": True,
+            "pixel_type": image.GetPixelIDTypeAsString(),
+            "timings_s": timings,
+        }
+        return DeidResult(result, mask_img, record)
+
+    def _fill(self, roi: sitk.Image, roi_arr: np.ndarray, head_roi: np.ndarray, blocked: np.ndarray,
+              region: np.ndarray, atlas: Atlas, to_atlas: sitk.Transform) -> np.ndarray:
+        """Plain fill of ``B_p``: a featureless head surface, soft tissue inside, the subject's air outside."""
+        rng = np.random.default_rng(self.seed)
+        values = roi_arr.astype(np.float32)
+        tissue_vals = values[region & head_roi]
+        tissue = float(np.median(tissue_vals)) if tissue_vals.size else float(np.median(values[head_roi]))
+        air_vals = values[~head_roi & ~blocked]
+        if air_vals.size == 0:
+            air_vals = np.array([float(values.min())], dtype=np.float32)
+        air = rng.choice(air_vals, size=values.shape).astype(np.float32)
+        noise = air - float(np.median(air_vals))
+
+        blank_sdf = sitk.GetArrayFromImage(sitk.Resample(atlas.blank_sdf, roi, to_atlas, sitk.sitkLinear,
+                                                         1e3, sitk.sitkFloat32))
+        head_img = sitk.GetImageFromArray(head_roi.astype(np.uint8))
+        head_img.CopyInformation(roi)
+        subject_sdf = sitk.GetArrayFromImage(idm._signed_distance(head_img))
+        block_img = sitk.GetImageFromArray(blocked.astype(np.uint8))
+        block_img.CopyInformation(roi)
+        depth_in_block = -sitk.GetArrayFromImage(idm._signed_distance(block_img))
+        weight = np.clip(depth_in_block / BLEND_MM, 0.0, 1.0)
+        surface = sitk.GetImageFromArray((weight * blank_sdf + (1.0 - weight) * subject_sdf).astype(np.float32))
+        surface.CopyInformation(roi)
+        # a light smoothing removes the stair steps of the 2 mm atlas from the new skin
+        surface = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(surface, 1.5))
+        fill = np.where(surface < 0.0, tissue + noise, air)
+        return _cast_like(fill, roi_arr.dtype)
+
+
+def nested_block(score: np.ndarray, region: np.ndarray, level: float) -> np.ndarray:
+    """``B_p``: the top ``level`` fraction of ``region``'s voxels ranked by ``score``.
+
+    The ranking (score descending, then voxel index) does not depend on ``level``, so the masks are
+    nested: ``B_p`` is a subset of ``B_q`` for ``p <= q``; ``B_0`` is empty and ``B_1`` is the region.
+    """
+    idx = np.flatnonzero(region)
+    count = int(round(level * idx.size))
+    blocked = np.zeros(score.shape, dtype=bool)
+    if count == 0:
+        return blocked
+    order = np.lexsort((idx, -score.ravel()[idx]))
+    blocked.ravel()[idx[order[:count]]] = True
+    return blocked
+
+
+def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
+def _fraction_unchanged(changed: np.ndarray, mask: np.ndarray) -> float:
+    outside = mask == 0
+    n = int(outside.sum())
+    return 1.0 if n == 0 else float((~changed & outside).sum()) / n
+
+
+def _roi_of(score: sitk.Image, template_to_subject: sitk.Transform,
+            image: sitk.Image) -> tuple[list[int], list[int] | None]:
+    """Index box of the subject grid that holds the warped identity region (None if out of view)."""
+    arr = sitk.GetArrayViewFromImage(score)
+    nz = np.nonzero(arr > 0)
+    if nz[0].size == 0:
+        return [0, 0, 0], None
+    lo = [int(v.min()) for v in nz[::-1]]
+    hi = [int(v.max()) for v in nz[::-1]]
+    corners = [
+        template_to_subject.TransformPoint(score.TransformIndexToPhysicalPoint([c[0], c[1], c[2]]))
+        for c in np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1).T.tolist()
+    ]
+    cont = np.array([image.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+    margin = [int(np.ceil(idm.ATLAS_SPACING * 2 / s)) for s in image.GetSpacing()]
+    start = np.maximum(np.floor(cont.min(axis=0)).astype(int) - margin, 0)
+    stop = np.minimum(np.ceil(cont.max(axis=0)).astype(int) + margin + 1, image.GetSize())
+    if np.any(stop <= start):
+        return [0, 0, 0], None
+    return start.tolist(), (stop - start).tolist()
+
+
+def _roi_slices(index: list[int], size: list[int]) -> tuple[slice, slice, slice]:
+    """numpy (z, y, x) slices of an ITK (x, y, z) index box."""
+    return tuple(slice(i, i + n) for i, n in zip(index[::-1], size[::-1], strict=True))
+
+
+def _head_in_roi(roi: sitk.Image, threshold: float, head_coarse: sitk.Image) -> np.ndarray:
+    """Full-resolution head mask inside the ROI: above threshold and near the coarse head mask."""
+    near = sitk.BinaryDilate(head_coarse, [2, 2, 2])
+    near_roi = sitk.GetArrayFromImage(sitk.Resample(near, roi, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    above = sitk.GetArrayViewFromImage(roi) >= threshold
+    mask = sitk.GetImageFromArray((above & (near_roi > 0)).astype(np.uint8))
+    mask.CopyInformation(roi)
+    return sitk.GetArrayFromImage(sitk.BinaryFillhole(mask)) > 0
