@@ -31,6 +31,8 @@ REGISTRATION_SPACING = 4.0
 GOOD_FIT_DICE = 0.85
 #: Head-mask Dice below which the volume is taken not to contain a head.
 HEAD_DICE = 0.72
+#: Fraction of the atlas's face features a head must cover once fitted (a sphere or a body part does not).
+MIN_FEATURE_COVERAGE = 0.4
 #: Head volume (ml) below which a foreground is too small to be a head.
 MIN_HEAD_ML = 600.0
 ATLAS_VERSION = "atlas-v1"
@@ -325,6 +327,19 @@ def identity_score_from_mni(mni_ras: np.ndarray, depth: np.ndarray, brain_dist: 
     return np.where(region, 0.05 + 0.95 * score, 0.0).astype(np.float32)
 
 
+def _like(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.CopyInformation(reference)
+    return img
+
+
+def feature_coverage(features: sitk.Image, subject_mask: sitk.Image, transform: sitk.Transform) -> float:
+    """Fraction of the atlas's face features (nose, lips, brows, chin, ears) inside the subject's head."""
+    warped = sitk.Resample(subject_mask, features, transform, sitk.sitkNearestNeighbor, 0)
+    f = sitk.GetArrayViewFromImage(features) > 0
+    return float((sitk.GetArrayViewFromImage(warped)[f] > 0).mean()) if f.any() else 0.0
+
+
 def build_atlas(root: Path) -> Path:
     """Build the identity atlas from the fetched templates into ``root/atlas`` (once, ~20 s).
 
@@ -372,6 +387,10 @@ def build_atlas(root: Path) -> Path:
     save(brain, "brain.nii.gz", sitk.sitkUInt8)
     save(score, "score.nii.gz")
     save(_signed_distance(blank), "blank_sdf.nii.gz")
+    # what makes a face a face: the parts of the head the featureless surface cuts away (nose, lips,
+    # brows, chin, ears); a head must cover most of them once the atlas is fitted to it
+    features = sitk.And(sitk.And(head, sitk.Not(blank)), _like(score > 0, head))
+    save(features, "features.nii.gz", sitk.sitkUInt8)
     meta = {"version": ATLAS_VERSION, "spacing_mm": ATLAS_SPACING,
             "identity_region_ml": float((score > 0).sum()) * ATLAS_SPACING**3 / 1000.0,
             "mni_to_template": {"matrix": list(mni_to_mean.GetMatrix()),

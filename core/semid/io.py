@@ -173,17 +173,30 @@ def check_output_path(out_path: str | Path, in_path: str | Path | None = None) -
             raise InputError(
                 "The output would overwrite the input: choose an output path outside the input."
             )
-    parent = out.parent
-    probe = parent
+    probe = out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not _can_create_in(probe):
         raise InputError(
             "The output location is read-only (permission denied): choose a folder you can write to."
         )
     if out.exists() and out.is_dir() and volume_suffix(out):
         raise InputError("The output path is an existing folder: give a file name for the output volume.")
     return out
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: tried for real, since ``os.access`` says yes to root
+    on read-only mounts and pseudo file systems."""
+    if not folder.is_dir():
+        return False
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".semid-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
 
 
 def write_volume(image: sitk.Image, path: str | Path, *, series_description: str = "SemID de-identified") -> Path:

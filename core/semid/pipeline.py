@@ -76,6 +76,7 @@ class Atlas:
     brain: sitk.Image
     score: sitk.Image
     blank_sdf: sitk.Image
+    features: sitk.Image
     version: str
 
     @classmethod
@@ -92,7 +93,7 @@ class Atlas:
             return sitk.ReadImage(str(Path(folder) / name))
 
         return cls(read("head.nii.gz"), read("brain.nii.gz"), read("score.nii.gz"),
-                   read("blank_sdf.nii.gz"), meta["version"])
+                   read("blank_sdf.nii.gz"), read("features.nii.gz"), meta["version"])
 
 
 _ATLAS_CACHE: dict[str, Atlas] = {}
@@ -170,6 +171,12 @@ class Deidentifier:
                 f"No head found in the volume (best head-shape match {fit.dice:.2f}, needs "
                 f"{idm.HEAD_DICE:.2f}): SemID de-identifies head CT and MR volumes."
             )
+        coverage = idm.feature_coverage(atlas.features, head_coarse, fit.transform)
+        if coverage < idm.MIN_FEATURE_COVERAGE:
+            raise InputError(
+                f"No face found in the volume (face-shape match {coverage:.2f}, needs "
+                f"{idm.MIN_FEATURE_COVERAGE:.2f}): SemID de-identifies head CT and MR volumes that show the face."
+            )
         lap("registration")
 
         say("mapping identity")
@@ -223,6 +230,7 @@ class Deidentifier:
             "modality": modality,
             "registration_head_dice": round(fit.dice, 4),
             "orientation_search": fit.searched_orientations,
+            "face_feature_coverage": round(coverage, 4),
             "blocked_voxels": int(mask.sum()),
             "blocked_ml": round(float(mask.sum()) * voxel_ml, 3),
             **record_extra,
