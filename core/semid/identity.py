@@ -5,9 +5,9 @@ face so a large nose is never left outside it) and the identity score ``s(x)`` i
 once on an average head (pydeface's mean T1w head, with the MNI152 brain brought in through the
 MNI305 head, which shares MNI space with it). For each subject, the average head is registered to the
 subject's head with an affine transform; the registration matches smoothed *head masks*, not
-intensities, so it works the same for MR and CT and for any storage orientation. When the first
-registration fits poorly, a search over the 24 axis-aligned starting orientations follows, which
-recovers heads whose header orientation is wrong; if nothing fits, the volume is not a head.
+intensities, so it works the same for MR and CT and for any storage orientation. When the
+registration leaves the atlas's face features (nose, lips, brows, chin, ears) outside the subject's
+head, the volume is not a head with a face (a sphere or a body part), and it is refused.
 
 SimpleITK does the registration and resampling; numpy only does what ITK has no filter for (the
 analytic zone definitions and the ranking).
@@ -15,7 +15,6 @@ analytic zone definitions and the ranking).
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,6 @@ import SimpleITK as sitk
 CT_HEAD_HU = -300.0
 #: Grid spacing (mm) on which registration runs.
 REGISTRATION_SPACING = 4.0
-#: Head-mask Dice below which the registration is not trusted and the orientation search starts.
-GOOD_FIT_DICE = 0.85
 #: Head-mask Dice below which the volume is taken not to contain a head.
 HEAD_DICE = 0.72
 #: Fraction of the atlas's face features a head must cover once fitted (a sphere or a body part does not).
@@ -118,16 +115,17 @@ class Fit:
     """An affine fit of the atlas (fixed, template space) to a subject (moving).
 
     ``transform`` maps template points to subject points (ITK's fixed-to-moving convention); its
-    inverse maps subject points into the template.
+    inverse maps subject points into the template. ``dice`` is the head-mask overlap, ``coverage``
+    the share of the atlas's face features (nose, lips, brows, chin, ears) inside the subject's head.
     """
 
     transform: sitk.AffineTransform
     dice: float
-    searched_orientations: bool
+    coverage: float
 
 
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
-              iterations: int = 120) -> sitk.AffineTransform:
+              iterations: int = 120, shrink: tuple[int, ...] = (2, 1)) -> sitk.AffineTransform:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMeanSquares()
     reg.SetMetricSamplingStrategy(reg.NONE)
@@ -136,8 +134,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6,
         gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([max(0.0, f / 2.0) if f > 1 else 0.0 for f in shrink])
     reg.SetInitialTransform(initial, inPlace=False)
     out = reg.Execute(fixed, moving)
     return _as_affine(out)
@@ -175,51 +173,22 @@ def _dice_on(fixed_mask: sitk.Image, moving_mask: sitk.Image, transform: sitk.Tr
     return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 0.0
 
 
-def _axis_rotations() -> list[np.ndarray]:
-    """The 24 proper rotations that map coordinate axes onto coordinate axes."""
-    mats = []
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1, -1), repeat=3):
-            m = np.zeros((3, 3))
-            for i, (p, s) in enumerate(zip(perm, signs, strict=True)):
-                m[i, p] = s
-            if np.isclose(np.linalg.det(m), 1.0):
-                mats.append(m)
-    return mats
-
-
-def fit_atlas(atlas_mask: sitk.Image, subject_mask: sitk.Image) -> Fit:
+def fit_atlas(atlas_mask: sitk.Image, subject_mask: sitk.Image, features: sitk.Image) -> Fit:
     """Affine fit of the atlas head mask to the subject head mask (both binary, any grids).
 
-    Returns the transform (template -> subject points) and the head-mask Dice it reaches on the
-    template grid. Tries the header's orientation first, then the 24 axis-aligned orientations.
+    Registration runs in physical (world) space, so any storage orientation, obliquity or voxel size
+    works as long as the header's orientation is right. A sphere or a body part can match the head's
+    outline but not its face: ``coverage`` tells them apart.
     """
     fixed_bin = _downsample(atlas_mask, REGISTRATION_SPACING, sitk.sitkNearestNeighbor)
     moving_bin = _downsample(subject_mask, REGISTRATION_SPACING, sitk.sitkNearestNeighbor)
     fixed = _smooth_mask(atlas_mask)
     moving = _smooth_mask(subject_mask)
-
-    def attempt(rotation: np.ndarray | None) -> tuple[sitk.AffineTransform, float]:
-        init = sitk.CenteredTransformInitializer(
-            fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
-        init = sitk.AffineTransform(init)
-        if rotation is not None:
-            init.SetMatrix(rotation.ravel().tolist())
-        similarity = _register(fixed, moving, _similarity_from(init), iterations=80)
-        affine = _register(fixed, moving, similarity, iterations=120)
-        return affine, _dice_on(fixed_bin, moving_bin, affine)
-
-    best, dice = attempt(None)
-    searched = False
-    if dice < GOOD_FIT_DICE:
-        searched = True
-        for rotation in _axis_rotations()[1:]:
-            candidate, cdice = attempt(rotation)
-            if cdice > dice:
-                best, dice = candidate, cdice
-            if dice >= GOOD_FIT_DICE:
-                break
-    return Fit(best, dice, searched)
+    init = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    similarity = _register(fixed, moving, _similarity_from(sitk.AffineTransform(init)), iterations=80)
+    affine = _register(fixed, moving, similarity, iterations=120)
+    return Fit(affine, _dice_on(fixed_bin, moving_bin, affine), feature_coverage(features, subject_mask, affine))
 
 
 def _similarity_from(affine: sitk.AffineTransform) -> sitk.Similarity3DTransform:

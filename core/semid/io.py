@@ -82,6 +82,10 @@ def require_3d_scalar(image: sitk.Image) -> sitk.Image:
     A 4D image with a single time point is accepted and returned as 3D.
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
+        if image.HasMetaDataKey("dim[0]") and image.GetMetaData("dim[0]").strip() in ("4", "5"):
+            raise InputError(
+                "The image is 4D (a series of volumes); SemID needs one 3D head volume: extract one first."
+            )
         raise InputError(
             "The image has colour or vector pixels; SemID needs a grey-scale 3D head volume (CT or MR)."
         )

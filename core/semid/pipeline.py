@@ -53,6 +53,8 @@ def parse_level(level: str | float | int) -> float:
                 f"Unknown privacy level {level.strip()[:20]!r}: use off, low, medium, high, max, "
                 "or a number from 0 to 1."
             ) from None
+    elif isinstance(level, bool) or not isinstance(level, (int, float)):
+        raise InputError("The privacy level must be off, low, medium, high, max, or a number from 0 to 1.")
     else:
         value = float(level)
     if not np.isfinite(value) or not 0.0 <= value <= 1.0:
@@ -151,6 +153,8 @@ class Deidentifier:
             clock = now
 
         image = require_3d_scalar(image)
+        if self.level == 0.0:
+            return self._untouched(image)
         stats = sitk.StatisticsImageFilter()
         stats.Execute(image)
         if not np.isfinite(stats.GetSum()) or stats.GetMinimum() == stats.GetMaximum():
@@ -165,17 +169,17 @@ class Deidentifier:
             raise InputError("No head found in the volume (the foreground is too small): give a head CT or MR.")
         lap("head_mask")
         say("registering the identity atlas")
-        fit = idm.fit_atlas(atlas.head, head_coarse)
+        fit = idm.fit_atlas(atlas.head, head_coarse, atlas.features)
         if fit.dice < idm.HEAD_DICE:
             raise InputError(
                 f"No head found in the volume (best head-shape match {fit.dice:.2f}, needs "
                 f"{idm.HEAD_DICE:.2f}): SemID de-identifies head CT and MR volumes."
             )
-        coverage = idm.feature_coverage(atlas.features, head_coarse, fit.transform)
-        if coverage < idm.MIN_FEATURE_COVERAGE:
+        if fit.coverage < idm.MIN_FEATURE_COVERAGE:
             raise InputError(
-                f"No face found in the volume (face-shape match {coverage:.2f}, needs "
-                f"{idm.MIN_FEATURE_COVERAGE:.2f}): SemID de-identifies head CT and MR volumes that show the face."
+                f"No face found in the volume (face-shape match {fit.coverage:.2f}, needs "
+                f"{idm.MIN_FEATURE_COVERAGE:.2f}): SemID de-identifies head CT and MR volumes that show the face; "
+                "if this is one, check the orientation in its header."
             )
         lap("registration")
 
@@ -229,8 +233,7 @@ class Deidentifier:
             "atlas": atlas.version,
             "modality": modality,
             "registration_head_dice": round(fit.dice, 4),
-            "orientation_search": fit.searched_orientations,
-            "face_feature_coverage": round(coverage, 4),
+            "face_feature_coverage": round(fit.coverage, 4),
             "blocked_voxels": int(mask.sum()),
             "blocked_ml": round(float(mask.sum()) * voxel_ml, 3),
             **record_extra,
@@ -242,6 +245,17 @@ class Deidentifier:
             "timings_s": timings,
         }
         return DeidResult(result, mask_img, record)
+
+    def _untouched(self, image: sitk.Image) -> DeidResult:
+        """Level 0 (``off``): the input as it is, nothing blocked, no registration needed."""
+        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        mask.CopyInformation(image)
+        record = {"semid_version": __version__, "level": 0.0, "preset": "off", "method": METHOD,
+                  "identity_source": "none (level 0)", "blocked_voxels": 0, "blocked_ml": 0.0,
+                  "identity_region_ml": None, "brain_voxels_changed": 0, "voxels_changed": 0,
+                  "voxels_changed_outside_block": 0, "unchanged_fraction_outside_block": 1.0,
+                  "geometry_preserved": True, "pixel_type": image.GetPixelIDTypeAsString()}
+        return DeidResult(image, mask, record)
 
     def _fill(self, roi: sitk.Image, roi_arr: np.ndarray, head_roi: np.ndarray, blocked: np.ndarray,
               region: np.ndarray, atlas: Atlas, to_atlas: sitk.Transform) -> np.ndarray:

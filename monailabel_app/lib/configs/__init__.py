@@ -1,0 +1,12 @@
+"""Task configs of the SemID MONAI Label app, by the name `--conf models <name>` selects them."""
+
+from monailabel.interfaces.config import TaskConfig
+
+from lib.configs.deidentify import DeidentifyConfig
+
+#: Every task config the app offers; `--conf models all` (the default) loads them all.
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {
+    "deidentify": DeidentifyConfig,
+}
+
+__all__ = ["TASK_CONFIGS", "DeidentifyConfig"]

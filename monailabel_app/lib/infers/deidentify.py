@@ -1,0 +1,100 @@
+"""MONAI Label infer task `deidentify`: a thin adapter over `semid.pipeline.Deidentifier`.
+
+The task does no imaging work of its own: it reads the volume MONAI Label hands it, runs the
+library at the requested privacy level and writes the result as NIfTI. MONAI Label sends that file
+back to the client (multipart `image` + `params`, or `?output=image` / `?output=json`) and deletes it.
+
+It deliberately subclasses the bare `InferTask`, not `BasicInferTask`: the latter's transform chains
+pull in `monailabel.transform.post`, which imports torchvision, and the registry's torchvision is a CUDA
+build that fails to import next to the CPU-only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from semid.errors import InputError
+from semid.io import read_volume, write_volume
+from semid.pipeline import LEVEL_PRESETS, Deidentifier, parse_level
+
+logger = logging.getLogger(__name__)
+
+#: Privacy level used when a request names none (DESIGN.md section 4: presets, or any float in [0, 1]).
+DEFAULT_LEVEL = "high"
+
+#: HTTP status for a request the library refuses (bad level, unreadable or non-3D input). MONAI Label
+#: registers no exception handlers, so anything but FastAPI's HTTPException becomes a bare 500
+#: "Internal Server Error"; HTTPException keeps its status and sends {"detail": message}.
+INPUT_ERROR_STATUS = 422
+
+
+class DeidentifyInfer(InferTask):
+    """Block the face and ears at the requested privacy level and fill the blocked region."""
+
+    def __init__(self, default_level: str | float = DEFAULT_LEVEL) -> None:
+        # Fail at server start, not at the first request, when the configured default is bad.
+        parse_level(default_level)
+        self.default_level = default_level
+        super().__init__(
+            type=InferType.OTHERS,
+            labels=None,
+            dimension=3,
+            description=(
+                "De-identify a head CT/MRI: block the identity-bearing region (face, ears) at the privacy "
+                "level and fill it from the volume's medical content; returns the volume and a record."
+            ),
+            # Published under models.deidentify.config in /info/. `level` is the one request parameter;
+            # clients send it in the infer params, e.g. {"level": "medium"} or {"level": 0.6}.
+            config={
+                "level": default_level,
+                "level_presets": dict(LEVEL_PRESETS),
+                "level_range": [0.0, 1.0],
+            },
+        )
+
+    def is_valid(self) -> bool:
+        """Always loadable: the library brings its own models, nothing is fetched at run time."""
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Run the de-identifier on `request["image"]`; return (result NIfTI path, record)."""
+        image_path = request.get("image")
+        if not image_path:
+            # MONAI Label's local datastore maps an unknown image id to "" instead of raising.
+            raise HTTPException(
+                status_code=404,
+                detail="There is no image with that id in the datastore: list the images with /datastore/.",
+            )
+        started = time.perf_counter()
+        try:
+            level = parse_level(request.get("level", self.default_level))
+            image = read_volume(image_path)
+            result = Deidentifier(level=level).run(image)
+        except InputError as error:
+            raise HTTPException(status_code=INPUT_ERROR_STATUS, detail=str(error)) from None
+
+        fd, out_path = tempfile.mkstemp(prefix="semid_deid_", suffix=".nii.gz")
+        os.close(fd)
+        try:
+            write_volume(result.image, out_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(out_path)
+            raise
+        record = dict(result.record)
+        # Logged without the input path: file names of clinical data may carry PHI.
+        logger.info(
+            "deidentify: level %.3f, %.1f ml blocked, %.2f s",
+            level,
+            float(record.get("blocked_ml", 0.0)),
+            time.perf_counter() - started,
+        )
+        return out_path, record

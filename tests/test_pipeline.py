@@ -1,0 +1,151 @@
+"""The de-identifier on the real (2 mm) head: geometry in any storage, nested masks, untouched voxels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from semid.errors import InputError
+from semid.identity import _signed_distance, head_mask, head_threshold
+from semid.io import read_volume, same_geometry
+from semid.pipeline import LEVEL_PRESETS, Deidentifier, nested_block, parse_level
+
+
+@pytest.fixture(scope="module")
+def head(sample_head) -> sitk.Image:
+    return read_volume(sample_head)
+
+
+@pytest.fixture(scope="module")
+def runs(head) -> dict[float, object]:
+    return {p: Deidentifier(p).run(head) for p in (0.0, 0.25, 0.5, 0.75, 1.0)}
+
+
+def _blocked_centroid_mm(result) -> np.ndarray:
+    idx = np.argwhere(sitk.GetArrayViewFromImage(result.mask) > 0)[:, ::-1]  # (x, y, z)
+    mean = idx.mean(axis=0)
+    return np.array(result.mask.TransformContinuousIndexToPhysicalPoint(mean.tolist()))
+
+
+def _assert_untouched_outside(original: sitk.Image, result) -> None:
+    a = sitk.GetArrayViewFromImage(original)
+    b = sitk.GetArrayViewFromImage(result.image)
+    outside = sitk.GetArrayViewFromImage(result.mask) == 0
+    assert np.array_equal(a[outside], b[outside]), "voxels outside B_p changed"
+    assert same_geometry(original, result.image, tol=0.0)
+    assert result.image.GetPixelID() == original.GetPixelID()
+
+
+def test_levels_and_presets():
+    assert parse_level("high") == 0.75 and parse_level("0.6") == 0.6 and parse_level(1) == 1.0
+    assert LEVEL_PRESETS == {"off": 0.0, "low": 0.25, "medium": 0.5, "high": 0.75, "max": 1.0}
+    for bad in ("extreme", "1.5", "-0.1", "nan"):
+        with pytest.raises(InputError):
+            parse_level(bad)
+
+
+def test_masks_are_nested_and_grow_with_the_level(runs):
+    masks = {p: sitk.GetArrayFromImage(r.mask) > 0 for p, r in runs.items()}
+    assert masks[0.0].sum() == 0
+    levels = sorted(masks)
+    for p, q in zip(levels, levels[1:], strict=False):
+        assert masks[q].sum() > masks[p].sum()
+        assert not np.any(masks[p] & ~masks[q]), f"B_{p} is not inside B_{q}"
+    region = runs[1.0].record["identity_region_ml"]
+    for p, r in runs.items():  # blocked volume is the level's share of the identity region
+        assert r.record["blocked_ml"] == pytest.approx(p * region, rel=0.01, abs=0.01)
+
+
+def test_nested_block_ranks_by_score_and_is_exact():
+    rng = np.random.default_rng(0)
+    score = rng.random((20, 20, 20)).astype(np.float32)
+    region = score > 0.3
+    score[~region] = 0
+    b50, b75 = nested_block(score, region, 0.5), nested_block(score, region, 0.75)
+    assert b50.sum() == round(0.5 * region.sum()) and not np.any(b50 & ~b75)
+    assert score[b50].min() >= score[region & ~b50].max()
+
+
+def test_voxels_outside_block_bit_identical_and_brain_untouched(head, runs):
+    threshold = head_threshold(head, "MR")
+    deep = sitk.GetArrayFromImage(_signed_distance(head_mask(head, threshold))) < -35.0  # brain core
+    for p, r in runs.items():
+        _assert_untouched_outside(head, r)
+        assert r.record["voxels_changed_outside_block"] == 0
+        assert r.record["unchanged_fraction_outside_block"] == 1.0
+        assert r.record["brain_voxels_changed"] == 0
+        changed = sitk.GetArrayViewFromImage(r.image) != sitk.GetArrayViewFromImage(head)
+        assert not np.any(changed & deep), f"deep brain voxels changed at p={p}"
+        if p > 0:
+            assert r.record["voxels_changed"] > 0
+
+
+def test_the_face_is_removed_at_high(head, runs):
+    """The nose tip (most anterior head voxel, RAS) moves back once the face is blocked and refilled."""
+
+    def nose_tip_y(image: sitk.Image) -> float:
+        mask = sitk.GetArrayViewFromImage(head_mask(image, head_threshold(head, "MR"))) > 0
+        idx = np.argwhere(mask)[:, ::-1].astype(float)
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        y_lps = (np.array(image.GetOrigin()) + (idx * image.GetSpacing()) @ direction.T)[:, 1]
+        return float(-y_lps.min())  # anterior = -y in LPS
+
+    assert nose_tip_y(runs[0.75].image) < nose_tip_y(head) - 8.0
+
+
+@pytest.mark.parametrize("variant", ["lps_stored", "oblique", "anisotropic"])
+def test_any_storage_keeps_geometry_and_finds_the_same_face(head, runs, variant):
+    if variant == "lps_stored":
+        image = sitk.DICOMOrient(head, "LPS")
+    elif variant == "oblique":
+        rot = sitk.VersorTransform((0.2, 1.0, 0.4), np.deg2rad(25))
+        direction = np.array(rot.GetMatrix()).reshape(3, 3) @ np.array(head.GetDirection()).reshape(3, 3)
+        center = np.array(head.TransformContinuousIndexToPhysicalPoint([s / 2 for s in head.GetSize()]))
+        ref = sitk.Image(head.GetSize(), head.GetPixelID())
+        ref.SetSpacing(head.GetSpacing())
+        ref.SetDirection(direction.ravel().tolist())
+        ref.SetOrigin((center - direction @ (np.array(head.GetSize()) * head.GetSpacing() / 2)).tolist())
+        image = sitk.Resample(head, ref, sitk.Transform(), sitk.sitkLinear, 0)
+    else:
+        spacing = (1.5, 2.5, 4.0)
+        size = [int(n * s / t) for n, s, t in zip(head.GetSize(), head.GetSpacing(), spacing, strict=True)]
+        image = sitk.Resample(
+            head,
+            size,
+            sitk.Transform(),
+            sitk.sitkLinear,
+            head.GetOrigin(),
+            spacing,
+            head.GetDirection(),
+            0,
+            head.GetPixelID(),
+        )
+    result = Deidentifier("high").run(image)
+    _assert_untouched_outside(image, result)
+    assert result.record["brain_voxels_changed"] == 0
+    # the blocked region sits on the same physical face as in the original storage
+    assert np.linalg.norm(_blocked_centroid_mm(result) - _blocked_centroid_mm(runs[0.75])) < 12.0
+    assert result.record["blocked_ml"] == pytest.approx(runs[0.75].record["blocked_ml"], rel=0.15)
+
+
+def test_ct_head(sample_head):
+    ct = read_volume(sample_head.with_name("ct_small.nii.gz"))
+    result = Deidentifier("max").run(ct)
+    assert result.record["modality"] == "CT"
+    _assert_untouched_outside(ct, result)
+    assert result.record["blocked_tissue_ml"] > 100
+
+
+def test_not_a_head_is_refused():
+    z, y, x = np.mgrid[:96, :96, :96]
+    sphere = sitk.GetImageFromArray((((x - 48) ** 2 + (y - 48) ** 2 + (z - 48) ** 2) < 40**2).astype(np.int16) * 400)
+    sphere.SetSpacing((2.0, 2.0, 2.0))
+    with pytest.raises(InputError, match="No face found|No head found"):
+        Deidentifier("high").run(sphere)
+    constant = sitk.Image([32, 32, 32], sitk.sitkInt16) + 7
+    with pytest.raises(InputError, match="empty or constant"):
+        Deidentifier("high").run(constant)
+    noise = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 1, (64, 64, 64)).astype(np.float32))
+    with pytest.raises(InputError, match="No head found|No face found"):
+        Deidentifier("high").run(noise)
