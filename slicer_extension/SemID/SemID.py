@@ -60,9 +60,10 @@ class SemID(ScriptedLoadableModule):
         self.parent.contributors = ["SemID developers"]
         self.parent.helpText = """
 Removes the identity from a head CT or MRI while keeping its medical content: the face and ears are
-blocked at an adjustable privacy level and the blocked region is refilled from the volume's medical
-features. The work is done by a SemID MONAI Label server (start it with
-<code>monailabel start_server --app monailabel_app --studies DATA_FOLDER</code>).
+blocked at an adjustable privacy level and the blocked region is refilled (this version: with a
+featureless head surface; the brain and every voxel outside the blocked region are untouched).
+The work is done by a SemID MONAI Label server (start it with
+<code>monailabel start_server --app monailabel_app --studies DATA_FOLDER --host 127.0.0.1</code>).
 <ul>
 <li>Pick the input volume and the privacy level (off, low, medium, high, max, or any value 0-1).</li>
 <li>De-identify: the result is shown beside the original, with linked slice views.</li>
