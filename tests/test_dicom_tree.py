@@ -14,9 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_canary import make_corpus
 
 from semid.dicom import pseudonyms as ps
+from semid.dicom.canary import make_corpus
 from semid.dicom.profile import Options
 from semid.dicom.tree import deidentify_tree
 from semid.io import MODALITY_KEY, read_volume, same_geometry, write_volume

@@ -1,5 +1,7 @@
 """A canary corpus: real DICOM files with a distinct marker in every attribute the profile does not keep.
 
+Used by the tests and by the DICOM benchmark to count what a de-identifier leaks (SemID's or a peer's).
+
 For every Table E.1-1 attribute whose action under the chosen options is not K, a marker value valid
 for its VR is planted at top level and nested two and three sequences deep (inside public sequences
 the table does not name, so only the planted attribute's own rule can remove it), plus private tags
