@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ def _tree_digest(folder: Path) -> str:
 @pytest.fixture(scope="module")
 def canary(tmp_path_factory):
     root = tmp_path_factory.mktemp("canary")
-    corpus = make_corpus(root / "in")
+    corpus = make_corpus(root / "in", burned_in=True)
     before = _tree_digest(root / "in")
     report = deidentify_tree(root / "in", root / "out", "high", key=KEY)
     return root, corpus, report, before
@@ -58,6 +59,19 @@ def test_no_canary_survives_anywhere_in_the_output(canary):
     assert not leaks, f"{len(leaks)} markers leaked, e.g. {list(leaks.items())[:10]}"
 
 
+def test_burned_in_canary_is_unreadable(canary):
+    from semid.dicom import burnedin
+
+    root, corpus, report, _ = canary
+    assert corpus.burned_in and report.burned_in_boxes_blanked >= 1
+    (captured,) = [p for p in (root / "out").rglob("*.dcm") if pydicom.dcmread(p).Modality == "OT"]
+    ds = pydicom.dcmread(captured)
+    texts = " ".join(box.text for box in burnedin.find_text(ds.pixel_array))
+    assert "QXBURNED" not in texts.upper() and "31415926" not in texts.replace(" ", "")
+    assert "AXIAL" in texts.upper()  # the medical annotation stays
+    assert ds.BurnedInAnnotation == "NO"
+
+
 def test_input_tree_is_untouched(canary):
     root, _, _, before = canary
     assert _tree_digest(root / "in") == before
@@ -69,6 +83,8 @@ def test_kept_attributes_and_the_record_of_what_was_done(canary):
     assert len(files) == len(corpus.files)
     for path in files:
         ds = pydicom.dcmread(path)
+        if ds.Modality == "OT":
+            continue  # the burned-in capture has its own test
         for keyword, value in corpus.kept.items():
             assert str(ds.get(keyword)) == value, keyword
         assert ds.PatientIdentityRemoved == "YES"
@@ -91,11 +107,13 @@ def test_references_resolve_and_layout_is_pseudonymous(canary):
         patient, study, series = path.parts[-4:-1]
         assert patient == ds.PatientID and study.startswith("ST-") and series.startswith("SE-")
     for ds in by_sop.values():
+        if ds.Modality == "OT":
+            continue
         ref = ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID
         target = by_sop[ref]  # the referenced instance exists under its new UID
         assert target.SeriesInstanceUID == ds.SeriesInstanceUID
         assert target.FrameOfReferenceUID == ds.FrameOfReferenceUID
-    assert len({ds.PatientID for ds in by_sop.values()}) == 2
+    assert len({ds.PatientID for ds in by_sop.values()}) == 3  # two CT patients and the capture's
 
 
 def test_same_key_same_uids_other_key_other_uids(canary, tmp_path):
@@ -156,6 +174,47 @@ def test_bad_files_are_quarantined_and_the_run_goes_on(tmp_path):
     written = list((tmp_path / "out").rglob("*.dcm"))
     assert report.files_written == len(written) >= 2  # CT_small, MR_small and the media's instances
     assert not any(f.name in ("MR_truncated.dcm", "README.txt") for f in written)
+
+
+def test_mixed_geometry_and_undecodable_pixels_are_quarantined(sample_head, tmp_path):
+    part = read_volume(sample_head)[:, :, 40:60]
+    part.SetMetaData(MODALITY_KEY, "MR")
+    series = write_volume(part, tmp_path / "in" / "mixed")
+    odd = sorted(series.iterdir())[5]
+    ds = pydicom.dcmread(odd)
+    ds.Rows, ds.Columns = 64, 64
+    ds.PixelData = np.zeros((64, 64), np.int16).tobytes()
+    ds.save_as(odd)
+    jpeg = pydicom.dcmread(PYDICOM_FILES / "SC_rgb_jpeg_dcmtk.dcm")
+    jpeg.BurnedInAnnotation = "YES"  # so its pixels must be checked, and they cannot be decoded here
+    jpeg.save_as(tmp_path / "in" / "capture.dcm")
+    report = deidentify_tree(tmp_path / "in", tmp_path / "out", "high", key=KEY)
+    reasons = {q["file"]: q["reason"] for q in report.quarantined}
+    assert len([r for r in reasons.values() if r.startswith("series with mixed geometry")]) == 20
+    assert reasons["capture.dcm"].startswith("pixel data in a transfer syntax")
+    assert report.files_written == 0 and not list((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_a_killed_run_leaves_no_partial_file(tmp_path):
+    import signal
+    import time
+
+    make_corpus(tmp_path / "in", patients=2, series_per_patient=2, slices=25)
+    env = {"SEMID_KEY": "k" * 32, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "semid.cli", "deidentify-dicom", str(tmp_path / "in"),
+                             str(tmp_path / "out"), "-q"], env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "out").rglob("*.dcm")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # by process id, mid-run
+    proc.wait(timeout=30)
+    written = list((tmp_path / "out").rglob("*"))
+    files = [p for p in written if p.is_file()]
+    assert files, "the run was killed before it wrote anything: make the corpus bigger"
+    assert len(files) < 100, "the run finished before it was killed: make the corpus bigger"
+    for path in files:
+        assert path.suffix == ".dcm" and not path.name.startswith(".")
+        assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"  # complete and readable
 
 
 def _dciodvfy_errors(path: Path) -> set[str]:

@@ -41,6 +41,8 @@ class Canary:
     markers: dict[bytes, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    #: (file, text) of identifiers burned into pixels: searched for by OCR, not in the bytes
+    burned_in: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _carrier_sequences(table: ActionTable) -> list[int]:
@@ -162,9 +164,39 @@ def canary_dataset(table: ActionTable, options: Options, marks: _Markers, depth_
     return ds
 
 
+def burned_in_capture(path: Path, patient_name: str, patient_id: str, text: str) -> Path:
+    """A secondary-capture image with ``text`` (an identifier) burned into its pixels."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    picture = Image.new("L", (640, 240), 0)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=34)
+    draw.text((20, 30), text, fill=255, font=font)
+    draw.text((20, 140), "AXIAL HEAD", fill=200, font=font)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.999.77.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.999.77"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.999.77.0"
+    ds.Modality, ds.ConversionType = "OT", "WSD"
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.Rows, ds.Columns = picture.height, picture.width
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.asarray(picture, dtype=np.uint8).tobytes()
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, write_like_original=False)
+    return path
+
+
 def make_corpus(folder: Path, options: Options | None = None, patients: int = 2, series_per_patient: int = 2,
-                slices: int = 3) -> Canary:
-    """Write a small canary corpus of CT slices (and one secondary capture) under ``folder``."""
+                slices: int = 3, burned_in: bool = False) -> Canary:
+    """Write a small canary corpus of CT slices (and, if asked, one secondary capture with the patient's
+    name and ID burned into its pixels) under ``folder``."""
     options = options or Options()
     table = ActionTable.load()
     marks = _Markers()
@@ -216,6 +248,13 @@ def make_corpus(folder: Path, options: Options | None = None, patients: int = 2,
             marks.canary.markers[str(getattr(out, keyword)).encode()] = keyword
         marks.canary.markers[b"QXPATNAME"] = "PatientName family name in free text"
     marks.canary.markers[b"19610312"] = "PatientBirthDate"
+    if burned_in:
+        text = "QXBURNED DOE 31415926"
+        path = burned_in_capture(folder / "capture" / "sc.dcm", "QXBURNED^JANE", "31415926", text)
+        marks.canary.files.append(path)
+        marks.canary.burned_in.append((path, text))
+        marks.canary.markers[b"QXBURNED"] = "PatientName of the burned-in capture"
+        marks.canary.markers[b"31415926"] = "PatientID of the burned-in capture"
     marks.canary.kept.update({"Modality": "CT", "PatientSex": "F", "PatientAge": "045Y", "PatientWeight": "61.5",
                               "PatientSize": "1.68"})
     return marks.canary

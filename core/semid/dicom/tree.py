@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -134,6 +135,20 @@ def deidentify_tree(in_dir: str | Path, out_dir: str | Path, level: float | str 
     profile = Profile(key, options)
     report = Report(level=level, options=options.enabled(), profile_edition=profile.table.edition,
                     key_origin=key.origin)
+    # Files are written in a staging folder beside OUT_DIR and renamed into it when complete, so even
+    # a killed run leaves no partial file inside OUT_DIR (only, at worst, the staging folder).
+    staging = out_dir.resolve().parent / f".{out_dir.name}.semid-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        return _run(in_dir, out_dir, staging, level, profile, report, ocr, mapping_path, progress, started)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(in_dir: Path, out_dir: Path, staging: Path, level: float, profile: Profile, report: Report,
+         ocr: bool, mapping_path: str | Path | None, progress: Progress | None,
+         started: float) -> Report:
     instances = _scan(in_dir, report)
     by_series: dict[tuple[str, str, str], list[_Instance]] = defaultdict(list)
     for inst in instances:
@@ -150,7 +165,7 @@ def deidentify_tree(in_dir: str | Path, out_dir: str | Path, level: float | str 
             if pixels is not None and inst.path not in pixels:
                 continue  # quarantined with its series
             try:
-                written = _one_file(inst, out_dir, profile, pixels, ocr, report, actions)
+                written = _one_file(inst, out_dir, staging, profile, pixels, ocr, report, actions)
             except _Quarantine as q:
                 report.quarantined.append({"file": inst.rel, "reason": str(q)})
                 written = None
@@ -245,8 +260,9 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
     return out
 
 
-def _one_file(inst: _Instance, out_dir: Path, profile: Profile, pixels: dict[Path, np.ndarray] | None, ocr: bool,
-              report: Report, actions: Counter) -> tuple[str, Path] | None:
+def _one_file(inst: _Instance, out_dir: Path, staging: Path, profile: Profile,
+              pixels: dict[Path, np.ndarray] | None, ocr: bool, report: Report,
+              actions: Counter) -> tuple[str, Path] | None:
     try:
         ds = pydicom.dcmread(inst.path)
         if "PixelData" in ds:
@@ -272,7 +288,7 @@ def _one_file(inst: _Instance, out_dir: Path, profile: Profile, pixels: dict[Pat
     series = "SE-" + ps.pseudonym(profile.key, "series", inst.series)
     target = out_dir / pseudo_patient / study / series / f"{ds.SOPInstanceUID}.dcm"
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".dcm", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".dcm", dir=staging)
     os.close(fd)
     try:
         ds.save_as(tmp, write_like_original=False)
