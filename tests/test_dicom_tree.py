@@ -279,3 +279,61 @@ def test_real_ultrasounds_lose_their_burned_in_identity(tmp_path):
         all_ids = [i for ids in identifiers.values() for i in ids]
         assert not any(burnedin.identifier_like(t, all_ids) for t in texts), "identity still readable"
         assert ds.BurnedInAnnotation == "NO"
+
+
+def _sr_with_text(tmp_path: Path) -> Path:
+    ds = pydicom.dcmread(PYDICOM_FILES / "test-SR.dcm")
+    ds.PatientName = "QXSRNAME^ANNA"
+    item = pydicom.Dataset()
+    item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+    concept = pydicom.Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "121071", "DCM", "Finding"
+    item.ConceptNameCodeSequence = pydicom.Sequence([concept])
+    item.TextValue = "Small meningioma, discussed with QXSRNAME on the phone"
+    ds.ContentSequence.append(item)
+    (tmp_path / "in").mkdir(exist_ok=True)
+    ds.save_as(tmp_path / "in" / "sr.dcm")
+    return tmp_path / "in"
+
+
+@pytest.mark.parametrize("options,expect_text", [
+    ([], None),  # ContentSequence is D: the structure stays, free text becomes a dummy
+    (["clean_structured_content"], "meningioma"),  # C: free text is cleaned, the finding stays
+])
+def test_structured_content_dummied_or_cleaned(tmp_path, options, expect_text):
+    src = _sr_with_text(tmp_path)
+    deidentify_tree(src, tmp_path / "out", "high", options=Options.from_names(options), key=KEY)
+    out = pydicom.dcmread(next((tmp_path / "out").rglob("*.dcm")))
+    item = out.ContentSequence[-1]
+    assert item.ConceptNameCodeSequence[0].CodeValue == "121071" and item.ValueType == "TEXT"
+    assert b"QXSRNAME" not in (next((tmp_path / "out").rglob("*.dcm"))).read_bytes()
+    if expect_text:
+        assert expect_text in item.TextValue
+    else:
+        assert item.TextValue == "ANONYMOUS"
+
+
+def test_safe_private_kept_only_with_its_option(tmp_path):
+    from semid.dicom.profile import ActionTable
+
+    table = ActionTable.load()
+    creator, group, element = sorted(table.safe_private)[0]
+    src = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    block = src.private_block(group, creator, create=True)
+    block.add_new(element, "DS", "1.5")
+    other = src.private_block(0x0041, "QX UNSAFE", create=True)
+    other.add_new(0x10, "LO", "QXPRIVATE")
+    (tmp_path / "in").mkdir()
+    src.save_as(tmp_path / "in" / "ct.dcm")
+    for name, opts in (("basic", []), ("safe", ["retain_safe_private"])):
+        deidentify_tree(tmp_path / "in", tmp_path / name, "high", options=Options.from_names(opts), key=KEY)
+        out = pydicom.dcmread(next((tmp_path / name).rglob("*.dcm")))
+        kept = [e for e in out if e.tag.is_private and not 0x10 <= e.tag.element <= 0xFF]
+        assert b"QXPRIVATE" not in next((tmp_path / name).rglob("*.dcm")).read_bytes()
+        if name == "basic":
+            assert not kept
+        else:
+            creators = {(e.tag.group, e.tag.element): str(e.value) for e in out if e.tag.is_private
+                        and 0x10 <= e.tag.element <= 0xFF}
+            assert any(e.tag.group == group and e.tag.element & 0xFF == element for e in kept)
+            assert all(table.is_safe_private(creators[(e.tag.group, e.tag.element >> 8)], e.tag) for e in kept)

@@ -68,6 +68,11 @@ _DUMMY = {
     "UT": "ANONYMOUS",
 }
 PATIENT_NAME, PATIENT_ID = Tag(0x0010, 0x0010), Tag(0x0010, 0x0020)
+#: Coded-entry attributes: they say what content is (codes from a terminology), never who it is about.
+_CODED_ENTRY = {"CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "LongCodeValue",
+                "URNCodeValue", "ValueType", "RelationshipType", "ContinuityOfContent", "MappingResource",
+                "ContextIdentifier", "TemplateIdentifier", "GraphicType", "BoundingBoxAnnotationUnits",
+                "AnchorPointAnnotationUnits", "GraphicAnnotationUnits", "MeasurementUnitsCodeSequence"}
 
 
 @dataclass(frozen=True)
@@ -286,16 +291,19 @@ class Profile:
                     del meta[keyword]
         return ctx
 
-    def _clean(self, ds: Dataset, ctx: FileContext) -> None:
+    def _clean(self, ds: Dataset, ctx: FileContext, mode: str = "table") -> None:
         # a date and its time shift as one instant: remember both before either changes
         self._temporal.append({e.keyword: str(e.value) for e in ds
                                if e.VR in ("DA", "TM") and e.keyword and not getattr(e.value, "is_multi", False)})
         try:
-            self._clean_elements(ds, ctx)
+            self._clean_elements(ds, ctx, mode)
         finally:
             self._temporal.pop()
 
-    def _clean_elements(self, ds: Dataset, ctx: FileContext) -> None:
+    def _clean_elements(self, ds: Dataset, ctx: FileContext, mode: str) -> None:
+        """Apply the table to each element; ``mode`` says what happens to elements the table does not
+        name inside a sequence being dummied (``dummy``) or cleaned (``clean``): SR content items,
+        graphic annotations. At ``table`` (the default) they are kept."""
         kept_private_blocks: set[tuple[int, int]] = set()
         creators: dict[tuple[int, int], str] = {}
         for elem in list(ds):
@@ -315,7 +323,7 @@ class Profile:
                     kept_private_blocks.add((tag.group, tag.element >> 8))
                     ctx.counts["K"] += 1
                     if elem.VR == "SQ":
-                        self._clean_sequence(elem, ctx)
+                        self._clean_sequence(elem, ctx, mode)
                     continue
                 del ds[tag]
                 ctx.counts["X"] += 1
@@ -323,16 +331,29 @@ class Profile:
             rule = self.table.rule_for(tag)
             if rule is None:
                 if elem.VR == "SQ":
-                    self._clean_sequence(elem, ctx)
+                    self._clean_sequence(elem, ctx, mode)
+                elif mode != "table":
+                    self._unnamed_leaf(elem, mode, ctx)
                 continue
             self._act(ds, elem, resolve(effective_code(rule, self.options), elem.VR), ctx)
         for (group, block) in creators:
             if (group, block) not in kept_private_blocks:
                 del ds[Tag(group, block)]
 
-    def _clean_sequence(self, elem: DataElement, ctx: FileContext) -> None:
+    def _clean_sequence(self, elem: DataElement, ctx: FileContext, mode: str = "table") -> None:
         for item in elem.value or []:
-            self._clean(item, ctx)
+            self._clean(item, ctx, mode)
+
+    def _unnamed_leaf(self, elem: DataElement, mode: str, ctx: FileContext) -> None:
+        """An element the table does not name, inside content being dummied or cleaned."""
+        if elem.VR not in _TEXT_VRS or elem.keyword in _CODED_ENTRY or not elem.value:
+            return  # codes, numbers and structure stay: they say what the content is, not who
+        if mode == "dummy":
+            elem.value = _DUMMY.get(elem.VR, "ANONYMOUS")[: _max_len(elem.VR)]
+            ctx.counts["D"] += 1
+        else:
+            self._clean_value(Dataset(), elem, ctx)
+            ctx.counts["C"] += 1
 
     def _act(self, ds: Dataset, elem: DataElement, code: str, ctx: FileContext) -> None:
         tag, vr = elem.tag, elem.VR
@@ -351,8 +372,8 @@ class Profile:
             elif vr == "SQ":
                 if code == "Z":
                     elem.value = Sequence([])
-                else:
-                    self._clean_sequence(elem, ctx)
+                else:  # D: the structure stays, every free-text value inside becomes a dummy
+                    self._clean_sequence(elem, ctx, "dummy")
             elif code == "Z":
                 elem.value = None if vr not in _TEXT_VRS | {"AE", "CS", "UR"} else ""
             elif vr == "UI":
@@ -399,8 +420,8 @@ class Profile:
 
     def _clean_value(self, ds: Dataset, elem: DataElement, ctx: FileContext) -> None:
         vr = elem.VR
-        if vr == "SQ":
-            self._clean_sequence(elem, ctx)
+        if vr == "SQ":  # C on a sequence: its free text is cleaned, like a descriptor
+            self._clean_sequence(elem, ctx, "clean")
         elif vr in ("DA", "DT", "TM"):
             if self.options.retain_modified_dates and elem.value:
                 self._shift(ds, elem, ctx)
