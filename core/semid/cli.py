@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,15 +41,6 @@ class _Stages:
             self.bar.close()
 
 
-def _write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def default_record_path(out: Path) -> Path:
     """``OUT``'s record: beside it, same stem, ``.json`` (for a DICOM folder: ``OUT.json``)."""
     from semid.io import volume_suffix
@@ -61,7 +51,7 @@ def default_record_path(out: Path) -> Path:
 
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
-    from semid.io import check_output_path, read_volume, write_volume
+    from semid.io import check_output_path, read_volume, write_json, write_volume
     from semid.pipeline import Deidentifier, parse_level
 
     level = parse_level(args.level)
@@ -79,7 +69,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
         stages("writing the output")
         write_volume(result.image, out)
         result.record["elapsed_s"] = round(time.perf_counter() - started, 3)
-        _write_json(result.record, record_path)
+        write_json(result.record, record_path)
         if args.qc:
             from semid.render import qc_figure
 

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,36 @@ def check_output_path(out_path: str | Path, in_path: str | Path | None = None) -
     return out
 
 
+@contextlib.contextmanager
+def atomic_path(target: str | Path, staging: Path | None = None) -> Iterator[Path]:
+    """A temporary path to write ``target`` to; renamed onto ``target`` when the block succeeds.
+
+    The temporary file keeps the target's suffix (writers choose the format by it) and lives in
+    ``staging`` or, by default, beside the target, on the same file system so the rename is atomic.
+    On failure it is removed and the target is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = volume_suffix(target) or target.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=suffix, dir=staging or target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(data, target: str | Path) -> Path:
+    """Write ``data`` as indented JSON to ``target`` atomically."""
+    import json
+
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return Path(target)
+
+
 def _can_create_in(folder: Path) -> bool:
     """Whether a file can be created in ``folder``: tried for real, since ``os.access`` says yes to root
     on read-only mounts and pseudo file systems."""
@@ -224,14 +255,8 @@ def write_volume(image: sitk.Image, path: str | Path, *, series_description: str
     if suffix in (".mhd", ".nhdr"):  # header + separate raw file: cannot be renamed into place atomically
         raise InputError("Two-file outputs (.mhd, .nhdr) are not supported: write .mha, .nrrd or .nii.gz.")
     if suffix:
-        fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=suffix, dir=path.parent)
-        os.close(fd)
-        try:
-            sitk.WriteImage(image, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
         return path
     return _write_dicom_series(image, path, series_description)
 

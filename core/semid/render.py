@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from semid import identity as idm
-from semid.io import modality_of
+from semid.io import atomic_path, modality_of
 
 #: View name -> (yaw, pitch) in degrees; yaw turns the head to the viewer's left, pitch tilts it down.
 VIEWS = {"frontal": (0.0, 0.0), "lateral": (90.0, 0.0)}
@@ -119,20 +119,10 @@ def save_render_png(image: sitk.Image, png: str | Path, views: Sequence[str] = (
 
 
 def _save_png(gray: np.ndarray, png: Path) -> Path:
-    import os
-    import tempfile
-
     import matplotlib.image as mpimg
 
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".png", dir=png.parent)
-    os.close(fd)
-    try:
+    with atomic_path(png) as tmp:
         mpimg.imsave(tmp, np.clip(gray, 0, 1), cmap="gray", vmin=0, vmax=1)
-        os.replace(tmp, png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return png
 
 
@@ -143,9 +133,6 @@ def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: s
     The slices pass through the centre of the blocked region (or the volume centre if nothing was
     blocked), in radiological display; the blocked region is outlined in the output's slices.
     """
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,15 +178,9 @@ def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: s
             f"{record.get('brain_voxels_changed')}",
             color="white", fontsize=12)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".png", dir=png.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80, facecolor="black")
-        os.replace(tmp, png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, dpi=80, facecolor="black")
     finally:
         plt.close(fig)
     return png

@@ -10,10 +10,8 @@ tree is never modified; every output file is written under a temporary name and 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from semid import __version__
 from semid.dicom import pseudonyms as ps
 from semid.dicom.profile import CID7050, Options, Profile
 from semid.errors import InputError
+from semid.io import atomic_path, write_json
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 #: Modalities whose pixels are checked for burned-in text even when the header does not say so.
@@ -181,7 +180,7 @@ def _run(in_dir: Path, out_dir: Path, staging: Path, level: float, profile: Prof
     report.elapsed_s = round(time.perf_counter() - started, 3)
     report.files_per_s = round(report.files_written / report.elapsed_s, 1) if report.elapsed_s else 0.0
     if mapping_path is not None:
-        _write_json_atomic(Path(mapping_path), _unique(mapping_rows))
+        write_json(_unique(mapping_rows), Path(mapping_path))
     return report
 
 
@@ -287,15 +286,8 @@ def _one_file(inst: _Instance, out_dir: Path, staging: Path, profile: Profile,
     study = "ST-" + ps.pseudonym(profile.key, "study", inst.study)
     series = "SE-" + ps.pseudonym(profile.key, "series", inst.series)
     target = out_dir / pseudo_patient / study / series / f"{ds.SOPInstanceUID}.dcm"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".dcm", dir=staging)
-    os.close(fd)
-    try:
+    with atomic_path(target, staging) as tmp:
         ds.save_as(tmp, write_like_original=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return pseudo_patient, target
 
 
@@ -330,14 +322,6 @@ def _add_method(ds: pydicom.Dataset, option: str) -> None:
     ds.DeidentificationMethodCodeSequence.append(item)
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".semid-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def write_report(report: Report, path: Path) -> None:
     """Write the run's JSON report (outside OUT_DIR by default: it names input files)."""
-    _write_json_atomic(path, asdict(report))
+    write_json(asdict(report), path)
