@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools<81" wheel
 	$(PY) -m pip install --quiet torch==2.13.0 -e ".[server,dev]"
+	# attacker A1 (pyproject's `attack` group): exact pins with the resolver off, see the comment there
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation "mediapipe==0.10.14" "dlib-bin==20.0.1.post1" \
+		"face-recognition==1.3.0" "face-recognition-models==0.3.0"
+	$(PY) -m pip install --quiet "absl-py>=1.0" "attrs>=19.1" "flatbuffers>=2.0" "click>=6"
 	@if ls $(VENV)/lib/python*/site-packages | grep -qi '^nvidia'; then \
 		echo "CUDA packages were installed next to the CPU torch: check the resolver output"; exit 1; fi
 	touch $@
@@ -36,6 +40,18 @@ demo: data
 test: data
 	$(VENV)/bin/ruff check core monailabel_app slicer_extension tests
 	$(PY) -m pytest -q tests
+
+# The DICOM header benchmark (a script that prints a table, not a timed test): SemID against dicognito,
+# deid and dicom-anonymizer, which live in their own venv (they need pydicom 3, SemID pins 2.4).
+PEERS := .venv-peers
+
+$(PEERS)/.installed: benchmarks/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
+	touch $@
+
+bench: $(VENV)/.installed $(PEERS)/.installed
+	$(PY) benchmarks/dicom_headers.py --peers-venv $(PEERS) --out benchmarks/results/dicom_headers.md
 
 lint: venv
 	$(VENV)/bin/ruff check core monailabel_app slicer_extension tests
