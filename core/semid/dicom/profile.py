@@ -292,9 +292,9 @@ class Profile:
         return ctx
 
     def _clean(self, ds: Dataset, ctx: FileContext, mode: str = "table") -> None:
-        # a date and its time shift as one instant: remember both before either changes
-        self._temporal.append({e.keyword: str(e.value) for e in ds
-                               if e.VR in ("DA", "TM") and e.keyword and not getattr(e.value, "is_multi", False)})
+        # a date and its time shift as one instant: each shifted value's original is kept here, so its
+        # partner (shifted later) still sees it; unshifted partners are read from the dataset itself
+        self._temporal.append({})
         try:
             self._clean_elements(ds, ctx, mode)
         finally:
@@ -412,7 +412,14 @@ class Profile:
             elem.value = ps.shift_dt(str(elem.value), offset)
             return
         partner_kw = keyword[:-4] + ("Time" if vr == "DA" else "Date") if keyword.endswith(("Date", "Time")) else ""
-        partner_value = self._temporal[-1].get(partner_kw) if partner_kw and self._temporal else None
+        originals = self._temporal[-1] if self._temporal else {}
+        partner_value = None
+        if partner_kw:
+            partner_value = originals.get(partner_kw)
+            if partner_value is None and partner_kw in ds and not getattr(ds[partner_kw].value, "is_multi", False):
+                partner_value = str(ds[partner_kw].value or "") or None
+        if keyword:
+            originals[keyword] = str(elem.value)
         if vr == "DA":
             elem.value = ps.shift_datetime(str(elem.value), partner_value, offset)[0]
         else:

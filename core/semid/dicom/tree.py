@@ -70,6 +70,8 @@ class _Instance:
     series: str
     modality: str
     has_pixels: bool
+    #: the header read while scanning (large values deferred), so each file is parsed once
+    dataset: pydicom.Dataset | None = None
 
 
 def _check_dirs(in_dir: Path, out_dir: Path) -> None:
@@ -110,7 +112,7 @@ def _scan(in_dir: Path, report: Report) -> list[_Instance]:
             instances.append(_Instance(
                 path, rel, str(ds.get("PatientID", "") or ""), str(ds.get("StudyInstanceUID", "") or ""),
                 str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("Modality", "") or ""),
-                "PixelData" in ds))
+                "PixelData" in ds, ds))
     return instances
 
 
@@ -212,7 +214,10 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
     from semid.io import MODALITY_KEY
     from semid.pipeline import Deidentifier
 
-    headers = [pydicom.dcmread(m.path, stop_before_pixels=True) for m in members]
+    headers = [m.dataset if m.dataset is not None else pydicom.dcmread(m.path, stop_before_pixels=True)
+               for m in members]
+    if not all("ImagePositionPatient" in h and "ImageOrientationPatient" in h for h in headers):
+        return None  # no geometry to stack slices by: header-only processing
 
     def rounded(values) -> tuple:
         return tuple(round(float(v), 4) for v in values or [])
@@ -224,14 +229,11 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
             report.quarantined.append({"file": m.rel, "reason": "series with mixed geometry (sizes, orientations "
                                                                 "or spacings differ between slices)"})
         return {}
-    by_path = {str(m.path): m for m in members}
+    # slices in order along the slice normal (GDCM's own sorter rescans the whole folder per series)
+    normal = np.cross(*np.array(headers[0].ImageOrientationPatient, float).reshape(2, 3))
+    order = np.argsort([float(np.dot(normal, np.array(h.ImagePositionPatient, float))) for h in headers])
+    files = [str(members[i].path) for i in order]
     reader = sitk.ImageSeriesReader()
-    files = list(reader.GetGDCMSeriesFileNames(str(members[0].path.parent), members[0].series))
-    files = [f for f in files if f in by_path]
-    if len(files) != len(members):
-        files = sorted(by_path, key=lambda f: float(
-            np.dot(np.cross(*np.array(headers[0].ImageOrientationPatient, float).reshape(2, 3)),
-                   np.array(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient, float))))
     reader.SetFileNames(files)
     try:
         image = reader.Execute()
@@ -263,7 +265,8 @@ def _one_file(inst: _Instance, out_dir: Path, staging: Path, profile: Profile,
               pixels: dict[Path, np.ndarray] | None, ocr: bool, report: Report,
               actions: Counter) -> tuple[str, Path] | None:
     try:
-        ds = pydicom.dcmread(inst.path)
+        ds = inst.dataset if inst.dataset is not None else pydicom.dcmread(inst.path)
+        inst.dataset = None  # the instance is written once; free its header
         if "PixelData" in ds:
             _check_pixel_length(ds)  # forces the read too: a truncated file fails here, not later
     except _Quarantine:
