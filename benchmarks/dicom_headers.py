@@ -405,10 +405,14 @@ def peer_tools(venv: Path) -> list[Tool]:
 # ------------------------------------------------------------------------------------------- the runs
 
 def _tail(log: Path, work: Path) -> str:
-    """The end of a run's log, without the scratch folder's machine path."""
+    """The end of a run's log, without machine paths (scratch folder, checkout)."""
     if not log.exists():
         return ""
-    return log.read_text(errors="replace")[-600:].replace(str(work.resolve()), "<work>").replace(str(work), "<work>")
+    text = log.read_text(errors="replace")[-600:]
+    for path, name in ((work.resolve(), "<work>"), (work, "<work>"), (REPO, "<repo>"), (Path.home(), "~")):
+        if len(str(path)) > 1:
+            text = text.replace(str(path), name)
+    return text
 
 
 def run_tool(tool: Tool, corpus: Corpus, work: Path, repeats: int, check_leaks: bool) -> dict:
