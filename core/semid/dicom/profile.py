@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -416,7 +417,8 @@ class Profile:
         partner_value = None
         if partner_kw:
             partner_value = originals.get(partner_kw)
-            if partner_value is None and partner_kw in ds and not getattr(ds[partner_kw].value, "is_multi", False):
+            if (partner_value is None and tag_for_keyword(partner_kw) is not None and partner_kw in ds
+                    and not getattr(ds[partner_kw].value, "is_multi", False)):
                 partner_value = str(ds[partner_kw].value or "") or None
         if keyword:
             originals[keyword] = str(elem.value)

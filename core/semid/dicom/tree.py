@@ -33,6 +33,9 @@ DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 OCR_MODALITIES = {"US", "OT", "SC", "XA", "RF", "ES", "XC", "DX", "CR", "MG", "IO", "PX"}
 #: A CT/MR series with at least this many slices is treated as a volume for the image pipeline.
 MIN_VOLUME_SLICES = 16
+#: Headers kept from the scan so small trees parse each file once; larger trees re-read (memory bound:
+#: a parsed header is 50-150 KiB).
+MAX_CACHED_HEADERS = 5000
 
 Progress = Callable[[int, int], None]
 
@@ -112,7 +115,7 @@ def _scan(in_dir: Path, report: Report) -> list[_Instance]:
             instances.append(_Instance(
                 path, rel, str(ds.get("PatientID", "") or ""), str(ds.get("StudyInstanceUID", "") or ""),
                 str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("Modality", "") or ""),
-                "PixelData" in ds, ds))
+                "PixelData" in ds, ds if len(instances) < MAX_CACHED_HEADERS else None))
     return instances
 
 
