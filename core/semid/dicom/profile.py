@@ -334,7 +334,7 @@ class Profile:
                 if elem.VR == "SQ":
                     self._clean_sequence(elem, ctx, mode)
                 elif mode != "table":
-                    self._unnamed_leaf(elem, mode, ctx)
+                    self._unnamed_leaf(ds, elem, mode, ctx)
                 continue
             self._act(ds, elem, resolve(effective_code(rule, self.options), elem.VR), ctx)
         for (group, block) in creators:
@@ -345,15 +345,19 @@ class Profile:
         for item in elem.value or []:
             self._clean(item, ctx, mode)
 
-    def _unnamed_leaf(self, elem: DataElement, mode: str, ctx: FileContext) -> None:
+    def _unnamed_leaf(self, ds: Dataset, elem: DataElement, mode: str, ctx: FileContext) -> None:
         """An element the table does not name, inside content being dummied or cleaned."""
+        if elem.VR in ("DA", "DT", "TM") and elem.value:
+            self._clean_value(ds, elem, ctx)  # dates in SR content move with the patient's offset
+            ctx.counts["C"] += 1
+            return
         if elem.VR not in _TEXT_VRS or elem.keyword in _CODED_ENTRY or not elem.value:
             return  # codes, numbers and structure stay: they say what the content is, not who
         if mode == "dummy":
             elem.value = _DUMMY.get(elem.VR, "ANONYMOUS")[: _max_len(elem.VR)]
             ctx.counts["D"] += 1
         else:
-            self._clean_value(Dataset(), elem, ctx)
+            self._clean_value(ds, elem, ctx)
             ctx.counts["C"] += 1
 
     def _act(self, ds: Dataset, elem: DataElement, code: str, ctx: FileContext) -> None:
