@@ -80,6 +80,11 @@ BASES: dict[str, tuple[str, float | None]] = {
 #: leaves the brain untouched.
 MAX_DISPLACEMENT_MM = 8.0
 FADE_MM = 6.0
+#: Identity prior strength: multiplies every shape-mode amplitude, the random field and the cap
+#: (so the largest displacement is IDENTITY_SCALE * MAX_DISPLACEMENT_MM). Tuned so that the
+#: benchmark's population is re-identifiable at p = 0 (issue 4's validity check): at 1.0 attacker A1's
+#: rank-1 was 0.38-0.5 on 8 subjects, at 2.0 0.75-0.88, at 3.0 1.0 (README, "Phantom population").
+IDENTITY_SCALE = 3.0
 #: Amplitude (mm) and correlation scale (mm) of the unstructured part of the identity field.
 RANDOM_FIELD_MM, RANDOM_FIELD_SCALE_MM = 3.0, 10.0
 #: Grid (mm) on which the smooth identity field is built before it is interpolated to the base grid.
@@ -193,7 +198,8 @@ def _bump(points: np.ndarray, centre: np.ndarray, sigma: float) -> np.ndarray:
     return np.exp(-d2 / (2.0 * sigma**2))[..., None]
 
 
-def _identity_field(base: _Base, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+def _identity_field(base: _Base, rng: np.random.Generator, scale: float = 1.0
+                    ) -> tuple[np.ndarray, dict[str, float]]:
     """A subject's identity displacement field (mm) on the base grid, shape (z, y, x, 3), LPS.
 
     The field is the sum of anatomical shape modes (nose length and width, chin, jaw and cheek width,
@@ -209,6 +215,7 @@ def _identity_field(base: _Base, rng: np.random.Generator) -> tuple[np.ndarray, 
          "chin_down": rng.uniform(-5, 5), "eye_spacing": rng.uniform(-4, 4), "eye_depth": rng.uniform(-3, 3),
          "cheek_width": rng.uniform(-5, 5), "cheek_forward": rng.uniform(-3, 3), "jaw_width": rng.uniform(-5, 5),
          "brow": rng.uniform(-3, 3), "lips": rng.uniform(-3, 3)}
+    p = {k: scale * v for k, v in p.items()}
     u = p["nose_length"] * _ANTERIOR * _bump(pts, lm["nose"], 12.0)
     # nose width: derivative-of-Gaussian across the midline, so the two sides move apart smoothly
     u = u + p["nose_width"] * ((pts[..., 0:1] - mid) / 10.0) * _LEFT * _bump(pts, lm["nose"] - 8 * _ANTERIOR, 10.0)
@@ -223,14 +230,14 @@ def _identity_field(base: _Base, rng: np.random.Generator) -> tuple[np.ndarray, 
     for k in range(3):
         smooth = sitk.SmoothingRecursiveGaussian(_image_like(noise[k], base.coarse), RANDOM_FIELD_SCALE_MM)
         noise[k] = sitk.GetArrayFromImage(smooth)
-    noise *= RANDOM_FIELD_MM / max(float(np.abs(noise).max()), 1e-6)
+    noise *= scale * RANDOM_FIELD_MM / max(float(np.abs(noise).max()), 1e-6)
     u = u + np.moveaxis(noise, 0, -1)
     # interpolate each component to the base grid (the field is smooth at 4 mm), then confine it
     full = np.stack([sitk.GetArrayFromImage(sitk.Resample(_image_like(u[..., k].astype(np.float32), base.coarse),
                                                           base.image, sitk.Transform(), sitk.sitkLinear, 0.0))
                      for k in range(3)], axis=-1)
     norm = np.linalg.norm(full, axis=-1, keepdims=True)
-    full *= np.minimum(1.0, MAX_DISPLACEMENT_MM / np.maximum(norm, 1e-6))
+    full *= np.minimum(1.0, scale * MAX_DISPLACEMENT_MM / np.maximum(norm, 1e-6))
     full *= base.weight[..., None]
     return full.astype(np.float32), {k: round(float(v), 3) for k, v in p.items()}
 
@@ -298,13 +305,13 @@ class Subject:
         anatomy_labels: (z, y, x) uint8 labels 0-3 of ``anatomy``.
     """
 
-    def __init__(self, base: _Base, index: int, seed: int) -> None:
+    def __init__(self, base: _Base, index: int, seed: int, identity_scale: float = 1.0) -> None:
         self.base = base
         self.index = index
         self.seed = seed
         self.subject_id = f"sub-{index:03d}"
         rng = np.random.default_rng([seed, index, 0])
-        self.displacement, self.shape = _identity_field(base, rng)
+        self.displacement, self.shape = _identity_field(base, rng, identity_scale)
         field_img = sitk.GetImageFromArray(self.displacement.astype(np.float64), isVector=True)
         field_img.CopyInformation(base.image)
         warp = sitk.DisplacementFieldTransform(field_img)
@@ -478,7 +485,7 @@ class Population:
     """
 
     def __init__(self, n_subjects: int, seed: int, base: str = "small",
-                 modalities: tuple[str, ...] = MODALITIES) -> None:
+                 modalities: tuple[str, ...] = MODALITIES, identity_scale: float = IDENTITY_SCALE) -> None:
         if n_subjects < 1:
             raise ValueError("a population needs at least one subject")
         if base not in BASES:
@@ -487,6 +494,7 @@ class Population:
         if bad:
             raise ValueError(f"unknown modalities {bad}: use {MODALITIES}")
         self.n_subjects, self.seed, self.base_name, self.modalities = n_subjects, seed, base, tuple(modalities)
+        self.identity_scale = float(identity_scale)
         self._cache: OrderedDict[int, Subject] = OrderedDict()
 
     def __len__(self) -> int:
@@ -497,7 +505,7 @@ class Population:
         if not 0 <= i < self.n_subjects:
             raise IndexError(f"subject {i} outside 0..{self.n_subjects - 1}")
         if i not in self._cache:
-            self._cache[i] = Subject(_load_base(self.base_name), i, self.seed)
+            self._cache[i] = Subject(_load_base(self.base_name), i, self.seed, self.identity_scale)
             while len(self._cache) > 4:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(i)
