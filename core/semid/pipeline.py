@@ -9,6 +9,12 @@ surface (the average head smoothed until nose, eyes, lips and ears are gone, ble
 subject's own skin at the border of ``B_p``) is filled with the subject's median soft-tissue value
 plus the subject's own background noise. The learned compensation replaces the fill later behind the
 same interface.
+
+The fill is pluggable (``Deidentifier(level, fill=...)``): a ``Fill`` gets a ``FillContext`` (the input,
+the identity region's box, ``B_p``, the head and brain masks, the registered atlas) and returns values
+for that box, of which only ``B_p`` is used. The benchmark's baselines (``semid.eval.baselines``) are
+such fills, so every method at a level ``p`` blocks the same ``B_p`` and differs only in what it puts
+there. ``Deidentifier.locate`` (head mask and atlas registration) can be run once and passed to ``run``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -124,6 +131,113 @@ class DeidResult:
 
 
 @dataclass
+class Location:
+    """Where the head and its identity atlas sit in one volume (``Deidentifier.locate``); level-independent.
+
+    Attributes:
+        atlas: the identity atlas that was fitted.
+        modality: "MR" or "CT".
+        threshold: head/air intensity threshold.
+        head_coarse: head mask on the atlas-spacing grid.
+        fit: the affine fit of the atlas to the subject (``fit.transform``: template -> subject points).
+        timings: seconds per stage of the location.
+    """
+
+    atlas: Atlas
+    modality: str
+    threshold: float
+    head_coarse: sitk.Image
+    fit: idm.Fit
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def to_atlas(self) -> sitk.Transform:
+        """Subject points -> template points: the transform to resample atlas images onto the subject."""
+        return self.fit.transform.GetInverse()
+
+
+@dataclass
+class FillContext:
+    """What a fill sees: the input and, on the identity region's box (``roi``), ``B_p`` and the masks.
+
+    Every array is numpy (z, y, x) on the ``roi`` grid; ``roi_arr`` is a read-only view of the input.
+    """
+
+    image: sitk.Image
+    roi: sitk.Image
+    roi_slices: tuple[slice, slice, slice]
+    roi_arr: np.ndarray
+    head: np.ndarray
+    blocked: np.ndarray
+    region: np.ndarray
+    brain: np.ndarray
+    location: Location
+    seed: int = 0
+
+    @property
+    def atlas(self) -> Atlas:
+        return self.location.atlas
+
+    @property
+    def to_atlas(self) -> sitk.Transform:
+        return self.location.to_atlas
+
+    @property
+    def modality(self) -> str:
+        return self.location.modality
+
+
+class Fill(Protocol):
+    """What goes into ``B_p``: values on the ROI grid, same dtype as the input; only ``B_p`` is used."""
+
+    name: str
+    description: str
+
+    def __call__(self, ctx: FillContext) -> np.ndarray: ...
+
+
+@dataclass
+class SurfaceFill:
+    """SemID's plain fill: a featureless head surface, soft tissue inside, the subject's air outside.
+
+    The average head smoothed until nose, eyes, lips and ears are gone is blended into the subject's
+    skin over ``BLEND_MM`` inside ``B_p``, filled with the subject's median soft-tissue value plus the
+    subject's own background noise.
+    """
+
+    name: str = "surface"
+    description: str = METHOD
+
+    def __call__(self, ctx: FillContext) -> np.ndarray:
+        rng = np.random.default_rng(ctx.seed)
+        roi, head_roi, blocked, region = ctx.roi, ctx.head, ctx.blocked, ctx.region
+        values = ctx.roi_arr.astype(np.float32)
+        tissue_vals = values[region & head_roi]
+        tissue = float(np.median(tissue_vals)) if tissue_vals.size else float(np.median(values[head_roi]))
+        air_vals = values[~head_roi & ~blocked]
+        if air_vals.size == 0:
+            air_vals = np.array([float(values.min())], dtype=np.float32)
+        air = rng.choice(air_vals, size=values.shape).astype(np.float32)
+        noise = air - float(np.median(air_vals))
+
+        blank_sdf = sitk.GetArrayFromImage(sitk.Resample(ctx.atlas.blank_sdf, roi, ctx.to_atlas, sitk.sitkLinear,
+                                                         1e3, sitk.sitkFloat32))
+        head_img = sitk.GetImageFromArray(head_roi.astype(np.uint8))
+        head_img.CopyInformation(roi)
+        subject_sdf = sitk.GetArrayFromImage(idm._signed_distance(head_img))
+        block_img = sitk.GetImageFromArray(blocked.astype(np.uint8))
+        block_img.CopyInformation(roi)
+        depth_in_block = -sitk.GetArrayFromImage(idm._signed_distance(block_img))
+        weight = np.clip(depth_in_block / BLEND_MM, 0.0, 1.0)
+        surface = sitk.GetImageFromArray((weight * blank_sdf + (1.0 - weight) * subject_sdf).astype(np.float32))
+        surface.CopyInformation(roi)
+        # a light smoothing removes the stair steps of the 2 mm atlas from the new skin
+        surface = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(surface, 1.5))
+        fill = np.where(surface < 0.0, tissue + noise, air)
+        return _cast_like(fill, ctx.roi_arr.dtype)
+
+
+@dataclass
 class Deidentifier:
     """Non-learned de-identifier behind the interface the learned one fills later.
 
@@ -131,17 +245,23 @@ class Deidentifier:
         level: privacy level ``p`` in [0, 1] or a preset name (off, low, medium, high, max).
         atlas_dir: folder of the identity atlas (default: the data folder's ``atlas``).
         seed: seed of the fill's noise, so a run is reproducible.
+        fill: what goes into ``B_p`` (default: ``SurfaceFill``, the featureless head surface).
     """
 
     level: float | str = "high"
     atlas_dir: Path | None = None
     seed: int = 0
+    fill: Fill = field(default_factory=SurfaceFill)
 
     def __post_init__(self) -> None:
         self.level = parse_level(self.level)
 
-    def run(self, image: sitk.Image, progress: Progress | None = None) -> DeidResult:
-        """De-identify one 3D head volume (any orientation, MR or CT)."""
+    def locate(self, image: sitk.Image, progress: Progress | None = None) -> Location:
+        """Head mask and atlas registration of one 3D volume (what ``run`` needs before blocking).
+
+        Raises:
+            InputError: not a 3D scalar volume, empty/constant, no head or no face found.
+        """
         say = progress or (lambda _stage: None)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -153,12 +273,7 @@ class Deidentifier:
             clock = now
 
         image = require_3d_scalar(image)
-        if self.level == 0.0:
-            return self._untouched(image)
-        stats = sitk.StatisticsImageFilter()
-        stats.Execute(image)
-        if not np.isfinite(stats.GetSum()) or stats.GetMinimum() == stats.GetMaximum():
-            raise InputError("The volume is empty or constant: give a head CT or MR volume.")
+        _require_not_constant(image)
         say("locating the head")
         atlas = _cached_atlas(self.atlas_dir)
         modality = idm.guess_modality(image, modality_of(image))
@@ -182,7 +297,35 @@ class Deidentifier:
                 "if this is one, check the orientation in its header."
             )
         lap("registration")
+        return Location(atlas, modality, threshold, head_coarse, fit, timings)
 
+    def run(self, image: sitk.Image, progress: Progress | None = None,
+            location: Location | None = None) -> DeidResult:
+        """De-identify one 3D head volume (any orientation, MR or CT).
+
+        Args:
+            image: the volume; never modified.
+            progress: called with the name of each stage.
+            location: ``self.locate(image)`` done earlier (skips the head mask and the registration).
+        """
+        say = progress or (lambda _stage: None)
+        image = require_3d_scalar(image)
+        if self.level == 0.0:
+            return self._untouched(image)
+        if location is None:
+            location = self.locate(image, progress)
+        else:
+            _require_not_constant(image)
+        timings: dict[str, float] = dict(location.timings)
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = round(now - clock, 3)
+            clock = now
+
+        atlas, modality, fit = location.atlas, location.modality, location.fit
         say("mapping identity")
         roi_index, roi_size = _roi_of(atlas.score, fit.transform, image)
         arr = sitk.GetArrayViewFromImage(image)
@@ -191,7 +334,7 @@ class Deidentifier:
         record_extra: dict = {"identity_region_ml": 0.0}
         if roi_size is not None:
             roi = sitk.RegionOfInterest(image, roi_size, roi_index)
-            to_atlas = fit.transform.GetInverse()
+            to_atlas = location.to_atlas
             score = sitk.GetArrayFromImage(sitk.Resample(atlas.score, roi, to_atlas, sitk.sitkLinear, 0.0,
                                                          sitk.sitkFloat32))
             brain = sitk.GetArrayFromImage(sitk.Resample(atlas.brain, roi, to_atlas,
@@ -202,8 +345,11 @@ class Deidentifier:
             say("filling the blocked region")
             sl = _roi_slices(roi_index, roi_size)
             roi_arr = arr[sl]
-            head_roi = _head_in_roi(roi, threshold, head_coarse)
-            filled = self._fill(roi, roi_arr, head_roi, blocked, region, atlas, to_atlas)
+            head_roi = _head_in_roi(roi, location.threshold, location.head_coarse)
+            ctx = FillContext(image, roi, sl, roi_arr, head_roi, blocked, region, brain, location, self.seed)
+            filled = np.asarray(self.fill(ctx))
+            if filled.shape != roi_arr.shape:
+                raise ValueError(f"fill {self.fill.name!r} returned shape {filled.shape}, expected {roi_arr.shape}")
             out[sl][blocked] = filled[blocked]
             mask[sl] = blocked
             voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
@@ -228,7 +374,7 @@ class Deidentifier:
             "semid_version": __version__,
             "level": self.level,
             "preset": preset_name(self.level),
-            "method": METHOD,
+            "method": self.fill.description,
             "identity_source": "atlas-registration",
             "atlas": atlas.version,
             "modality": modality,
@@ -250,41 +396,19 @@ class Deidentifier:
         """Level 0 (``off``): the input as it is, nothing blocked, no registration needed."""
         mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
         mask.CopyInformation(image)
-        record = {"semid_version": __version__, "level": 0.0, "preset": "off", "method": METHOD,
+        record = {"semid_version": __version__, "level": 0.0, "preset": "off", "method": self.fill.description,
                   "identity_source": "none (level 0)", "blocked_voxels": 0, "blocked_ml": 0.0,
                   "identity_region_ml": None, "brain_voxels_changed": 0, "voxels_changed": 0,
                   "voxels_changed_outside_block": 0, "unchanged_fraction_outside_block": 1.0,
                   "geometry_preserved": True, "pixel_type": image.GetPixelIDTypeAsString()}
         return DeidResult(image, mask, record)
 
-    def _fill(self, roi: sitk.Image, roi_arr: np.ndarray, head_roi: np.ndarray, blocked: np.ndarray,
-              region: np.ndarray, atlas: Atlas, to_atlas: sitk.Transform) -> np.ndarray:
-        """Plain fill of ``B_p``: a featureless head surface, soft tissue inside, the subject's air outside."""
-        rng = np.random.default_rng(self.seed)
-        values = roi_arr.astype(np.float32)
-        tissue_vals = values[region & head_roi]
-        tissue = float(np.median(tissue_vals)) if tissue_vals.size else float(np.median(values[head_roi]))
-        air_vals = values[~head_roi & ~blocked]
-        if air_vals.size == 0:
-            air_vals = np.array([float(values.min())], dtype=np.float32)
-        air = rng.choice(air_vals, size=values.shape).astype(np.float32)
-        noise = air - float(np.median(air_vals))
 
-        blank_sdf = sitk.GetArrayFromImage(sitk.Resample(atlas.blank_sdf, roi, to_atlas, sitk.sitkLinear,
-                                                         1e3, sitk.sitkFloat32))
-        head_img = sitk.GetImageFromArray(head_roi.astype(np.uint8))
-        head_img.CopyInformation(roi)
-        subject_sdf = sitk.GetArrayFromImage(idm._signed_distance(head_img))
-        block_img = sitk.GetImageFromArray(blocked.astype(np.uint8))
-        block_img.CopyInformation(roi)
-        depth_in_block = -sitk.GetArrayFromImage(idm._signed_distance(block_img))
-        weight = np.clip(depth_in_block / BLEND_MM, 0.0, 1.0)
-        surface = sitk.GetImageFromArray((weight * blank_sdf + (1.0 - weight) * subject_sdf).astype(np.float32))
-        surface.CopyInformation(roi)
-        # a light smoothing removes the stair steps of the 2 mm atlas from the new skin
-        surface = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(surface, 1.5))
-        fill = np.where(surface < 0.0, tissue + noise, air)
-        return _cast_like(fill, roi_arr.dtype)
+def _require_not_constant(image: sitk.Image) -> None:
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(image)
+    if not np.isfinite(stats.GetSum()) or stats.GetMinimum() == stats.GetMaximum():
+        raise InputError("The volume is empty or constant: give a head CT or MR volume.")
 
 
 def nested_block(score: np.ndarray, region: np.ndarray, level: float) -> np.ndarray:

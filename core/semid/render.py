@@ -140,11 +140,14 @@ def _save_png(gray: np.ndarray, png: Path) -> Path:
 
 
 def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: str | Path,
-              record: dict | None = None, size: int = 512) -> Path:
+              record: dict | None = None, size: int = 512, region: sitk.Image | None = None,
+              title: str | None = None) -> Path:
     """Original (top) beside output (bottom): three orthogonal slices and frontal/lateral renders.
 
     The slices pass through the centre of the blocked region (or the volume centre if nothing was
-    blocked), in radiological display; the blocked region is outlined in the output's slices.
+    blocked), in radiological display; the blocked region is outlined in red in the output's slices,
+    and ``region`` (e.g. the ground-truth identity region), if given, in yellow in both rows.
+    ``title`` replaces the title made from ``record``.
     """
     import matplotlib
 
@@ -156,6 +159,7 @@ def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: s
     renders = [render_views(vol, size=size, threshold=threshold) for vol in (original, output)]
     orig_lps, out_lps, mask_lps = (sitk.GetArrayFromImage(sitk.DICOMOrient(v, "LPS")) for v in
                                    (original, output, mask))
+    region_lps = sitk.GetArrayFromImage(sitk.DICOMOrient(region, "LPS")) if region is not None else None
     sp = sitk.DICOMOrient(original, "LPS").GetSpacing()
     nz = np.argwhere(mask_lps > 0)
     cz, cy, cx = (nz.mean(axis=0) if nz.size else np.array(mask_lps.shape) / 2).astype(int)
@@ -167,23 +171,27 @@ def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: s
     fig, axes = plt.subplots(2, 5, figsize=(20, 8.4), facecolor="black")
     for row, (vol, rend, title) in enumerate(((orig_lps, renders[0], "original"),
                                               (out_lps, renders[1], "de-identified"))):
-        slices = [
-            (vol[cz], mask_lps[cz], sp[1] / sp[0], "axial"),
-            (vol[::-1, cy, :], mask_lps[::-1, cy, :], sp[2] / sp[0], "coronal"),
-            (vol[::-1, :, cx][:, ::-1], mask_lps[::-1, :, cx][:, ::-1], sp[2] / sp[1], "sagittal"),
-        ]
-        for col, (sl, ms, aspect, name) in enumerate(slices):
+        cuts = [((cz,), sp[1] / sp[0], "axial"), ((slice(None, None, -1), cy), sp[2] / sp[0], "coronal"),
+                ((slice(None, None, -1), slice(None), cx), sp[2] / sp[1], "sagittal")]
+        for col, (index, aspect, name) in enumerate(cuts):
+            def cut(a: np.ndarray, index: tuple = index, name: str = name) -> np.ndarray:
+                return a[index][:, ::-1] if name == "sagittal" else a[index]
+
             ax = axes[row, col]
-            ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="bilinear")
-            if row == 1 and ms.any():
-                ax.contour(ms, levels=[0.5], colors="#ff5050", linewidths=0.8)
+            ax.imshow(cut(vol), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="bilinear")
+            if region_lps is not None and cut(region_lps).any():
+                ax.contour(cut(region_lps), levels=[0.5], colors="#ffd400", linewidths=0.8)
+            if row == 1 and cut(mask_lps).any():
+                ax.contour(cut(mask_lps), levels=[0.5], colors="#ff5050", linewidths=0.8)
             ax.set_title(f"{title} · {name}", color="white", fontsize=11)
         for col, view in ((3, "frontal"), (4, "lateral")):
             axes[row, col].imshow(rend[view], cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_title(f"{title} · {view} render", color="white", fontsize=11)
     for ax in axes.ravel():
         ax.axis("off")
-    if record:
+    if title:
+        fig.suptitle(title, color="white", fontsize=12)
+    elif record:
         fig.suptitle(
             f"SemID · level {record.get('level')} ({record.get('preset') or 'custom'}) · blocked "
             f"{record.get('blocked_ml')} ml · voxels changed outside block "
