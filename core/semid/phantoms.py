@@ -379,12 +379,13 @@ class Subject:
         for e in eye_idx:
             near_eye |= sum(((g - c) * s) ** 2 for g, c, s in zip(zyx, e, spacing, strict=True)) < 10.0**2
         candidates = {"sinus": face & dark & (self._head_depth > 12.0), "orbit": face & near_eye,
-                      "facial soft tissue": face & ~dark & (self._head_depth > 4.0) & (self._head_depth < 15.0)}
+                      "facial soft tissue": face & ~dark & (self._head_depth > 4.0) & (self._head_depth < 15.0)
+                      & (self._mr < self.base.brain_median)}  # muscle and skin, not fat (see visit())
         kinds = [k for k, m in candidates.items() if m.sum() > 20]
         kind = str(rng.choice(kinds))
         where = np.argwhere(candidates[kind])
         centre = where[rng.integers(len(where))]
-        radii = rng.uniform(5.0, 10.0, size=3)
+        radii = rng.uniform(7.0, 12.0, size=3)
         sl, alpha = self._ellipsoid(rng, centre, radii)
         lesions.append((sl, alpha, {"label": FACE_LESION, "kind": kind, "radii_mm": radii.round(2).tolist(),
                                     "centre_index_zyx": centre.tolist()}))
@@ -431,8 +432,14 @@ class Subject:
                           self.base.brain_median * look.uniform(1.45, 1.7)) if modality == "MR" else (
                     look.uniform(10, 16) if hypo else look.uniform(62, 75))
             else:
-                target = (self.base.brain_median * look.uniform(1.3, 1.6) if modality == "MR"
-                          else look.uniform(45, 65))
+                # a face lesion stands out from the tissue it sits in (MR): dark in bright fat or orbit,
+                # bright in muscle, sinus or skin; one fixed brightness was invisible in fat
+                around = np.median(self._mr[sl][(alpha > 0) & inside]) if a.any() else 0.0
+                if modality == "MR":
+                    target = self.base.brain_median * (look.uniform(0.25, 0.4) if around > self.base.brain_median
+                                                       else look.uniform(1.6, 1.9))
+                else:
+                    target = look.uniform(45, 65)
             anatomy[sl] = anatomy[sl] * (1.0 - a) + a * target
             labels[sl][(alpha >= 1.0) & inside] = info["label"]
             centre_lps = self.base.image.TransformIndexToPhysicalPoint([int(v) for v in info["centre_index_zyx"][::-1]])

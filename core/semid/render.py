@@ -169,7 +169,7 @@ def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: s
         lo, hi = np.percentile(orig_lps, [0.5, 99.5])
 
     fig, axes = plt.subplots(2, 5, figsize=(20, 8.4), facecolor="black")
-    for row, (vol, rend, title) in enumerate(((orig_lps, renders[0], "original"),
+    for row, (vol, rend, which) in enumerate(((orig_lps, renders[0], "original"),
                                               (out_lps, renders[1], "de-identified"))):
         cuts = [((cz,), sp[1] / sp[0], "axial"), ((slice(None, None, -1), cy), sp[2] / sp[0], "coronal"),
                 ((slice(None, None, -1), slice(None), cx), sp[2] / sp[1], "sagittal")]
@@ -183,10 +183,10 @@ def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: s
                 ax.contour(cut(region_lps), levels=[0.5], colors="#ffd400", linewidths=0.8)
             if row == 1 and cut(mask_lps).any():
                 ax.contour(cut(mask_lps), levels=[0.5], colors="#ff5050", linewidths=0.8)
-            ax.set_title(f"{title} · {name}", color="white", fontsize=11)
+            ax.set_title(f"{which} · {name}", color="white", fontsize=11)
         for col, view in ((3, "frontal"), (4, "lateral")):
             axes[row, col].imshow(rend[view], cmap="gray", vmin=0, vmax=1)
-            axes[row, col].set_title(f"{title} · {view} render", color="white", fontsize=11)
+            axes[row, col].set_title(f"{which} · {view} render", color="white", fontsize=11)
     for ax in axes.ravel():
         ax.axis("off")
     if title:
