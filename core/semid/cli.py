@@ -1,4 +1,4 @@
-"""The ``semid`` command line: deidentify, render, info, data.
+"""The ``semid`` command line: deidentify, deidentify-dicom, render, info, bench, train, data.
 
 Bad input ends with one sentence on stderr and exit code 2; an unexpected failure with one sentence
 and exit code 1 (the traceback only with ``SEMID_DEBUG=1``). Outputs are written to temporary names
@@ -183,6 +183,67 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_levels(text: str) -> tuple[float, ...]:
+    from semid.pipeline import parse_level
+
+    try:
+        levels = tuple(parse_level(v.strip()) for v in text.split(",") if v.strip())
+    except InputError as exc:
+        raise InputError(f"--levels: {exc}") from None
+    if not levels:
+        raise InputError("--levels is empty: give comma-separated levels such as 0,0.5,1.")
+    return levels
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from semid.eval.bench import ALL_METHODS, BenchConfig, run_bench, summary_text
+
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    changes: dict = {}
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in ALL_METHODS]
+        if unknown or not methods:
+            raise InputError(f"unknown method {', '.join(unknown) or '(none given)'}: choose from "
+                             f"{', '.join(ALL_METHODS)}.")
+        changes["methods"] = methods
+    if args.levels:
+        changes["levels"] = _bench_levels(args.levels)
+    if args.subjects is not None:
+        if args.subjects < 2:
+            raise InputError("--subjects must be at least 2 (re-identification needs more than one person).")
+        changes["n_subjects"] = args.subjects
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.no_adaptive:
+        changes["adaptive"] = False
+    config = replace(config, **changes)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder: give a folder for the benchmark's results.")
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    result = run_bench(config, out, progress=say)
+    print(summary_text(result))
+    return 0
+
+
+#: ``semid train MODEL ...`` -> the module whose ``main(["train", ...])`` retrains that model's committed weights.
+TRAINABLE = {"reid": "semid.eval.attack_reid", "segmentation": "semid.eval.utility"}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(TRAINABLE[args.model])
+    return int(module.main(["train", *args.rest]) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="semid", description="Adjustable, semantics-preserving de-identification of head CT and MRI.")
@@ -226,6 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="privacy-utility benchmark of SemID and the baselines on phantom heads")
+    p.add_argument("--quick", action="store_true", help="the quick configuration (10 subjects, levels 0, 0.5, 1)")
+    p.add_argument("--methods", help="comma-separated methods (default all: semid, block, blur, pixelate, cut, "
+                                     "quickshear, radveil)")
+    p.add_argument("--levels", help="comma-separated privacy levels (default 0,0.25,0.5,0.75,1; quick 0,0.5,1)")
+    p.add_argument("--subjects", type=int, help="phantom subjects (default 16; quick 10)")
+    p.add_argument("--seed", type=int, help="population seed (default 2026, unseen by the trained models)")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive re-identification attacker")
+    p.add_argument("--out", default="bench", help="results folder (default ./bench)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="retrain a benchmark model's committed weights on phantoms (reid: attacker A2; "
+                                     "segmentation: utility U1)")
+    p.add_argument("model", choices=sorted(TRAINABLE))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the model's trainer (see `semid train MODEL "
+                                                           "--help`)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="fetch the public sample heads and build the atlas")
     p.add_argument("action", choices=["fetch"])
