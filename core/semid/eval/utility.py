@@ -27,6 +27,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------ normalisation
+
+#: Volumes up to this many voxels are segmented in one window (the network is fully convolutional).
+WHOLE_VOLUME_VOXELS = 160**3
+
 
 def _modality(image: sitk.Image) -> str:
     return image.GetMetaData(MODALITY_KEY) if image.HasMetaDataKey(MODALITY_KEY) else "MR"
@@ -150,8 +155,13 @@ class SegmentationModel:
         from monai.inferers import sliding_window_inference
 
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None].to(self.device)
-        with torch.inference_mode():
-            logits = sliding_window_inference(t, self.roi, 1, self.net, overlap=0.25, mode="gaussian")
+        # MONAI 1.5's sliding window indexes with a list, which this torch deprecates (harmless here)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+            # a small volume (the 2 mm phantoms) in one window: the same labels, half the time
+            roi = (tuple(int(np.ceil(n / 16) * 16) for n in x.shape) if x.size <= WHOLE_VOLUME_VOXELS
+                   else self.roi)
+            logits = sliding_window_inference(t, roi, 1, self.net, overlap=0.25, mode="gaussian")
         return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
     def predict(self, image: sitk.Image) -> sitk.Image:
