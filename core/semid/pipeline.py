@@ -43,6 +43,19 @@ METHOD = "atlas-registration identity map, nested blocking, featureless-surface 
 Progress = Callable[[str], None]
 
 
+def _lap_timer(timings: dict[str, float]) -> Callable[[str], None]:
+    """``lap(name)`` records in ``timings`` the seconds since the previous lap (or since this call)."""
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    return lap
+
+
 def parse_level(level: str | float | int) -> float:
     """A privacy level as a float in [0, 1], from a preset name or a number ("high", "0.6", 0.6).
 
@@ -264,13 +277,7 @@ class Deidentifier:
         """
         say = progress or (lambda _stage: None)
         timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = round(now - clock, 3)
-            clock = now
+        lap = _lap_timer(timings)
 
         image = require_3d_scalar(image)
         _require_not_constant(image)
@@ -317,13 +324,7 @@ class Deidentifier:
         else:
             _require_not_constant(image)
         timings: dict[str, float] = dict(location.timings)
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = round(now - clock, 3)
-            clock = now
+        lap = _lap_timer(timings)
 
         atlas, modality, fit = location.atlas, location.modality, location.fit
         say("mapping identity")

@@ -199,9 +199,17 @@ def qc_figure(original: sitk.Image, output: sitk.Image, mask: sitk.Image, png: s
             f"{record.get('brain_voxels_changed')}",
             color="white", fontsize=12)
     fig.tight_layout()
+    return save_figure(fig, png, facecolor="black")
+
+
+def save_figure(fig: object, png: str | Path, **savefig_kwargs: object) -> Path:
+    """Write a matplotlib figure to ``png`` atomically (80 dpi) and close it, even on failure."""
+    import matplotlib.pyplot as plt
+
+    png = Path(png)
     try:
         with atomic_path(png) as tmp:
-            fig.savefig(tmp, dpi=80, facecolor="black")
+            fig.savefig(tmp, dpi=80, format="png", **savefig_kwargs)
     finally:
         plt.close(fig)
     return png

@@ -402,12 +402,9 @@ def plot_curves(rows: list[dict[str, Any]], png: Path) -> Path:
     axes[3].set_ylim(-0.05, 1.05)
     axes[0].legend(loc="best", fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, dpi=80, format="png")
-    finally:
-        plt.close(fig)
-    return png
+    from semid.render import save_figure
+
+    return save_figure(fig, png)
 
 
 def _case_figure(case: Case, output: sitk.Image, mask: sitk.Image, png: Path, title: str) -> Path:
