@@ -135,3 +135,30 @@ def test_deidentifier_blocks_the_phantom_face(population: ph.Population) -> None
     face = np.isin(labels, [ph.IDENTITY, ph.FACE_LESION])
     assert (face & tissue).sum() / tissue.sum() > 0.7
     assert not (blocked & np.isin(labels, [ph.BRAIN, ph.BRAIN_LESION])).any()
+
+
+def test_visit_on_another_face_keeps_everything_but_the_face(population: ph.Population) -> None:
+    """``visit(face=...)``: the ideal de-identified output. Same pose, acquisition and lesions; the
+    face is another; nothing changes beyond the identity field's fade margin."""
+    subject = population.subject(0)
+    plain = subject.visit(1, "MR")
+    assert np.array_equal(_array(subject.visit(1, "MR", face=None).image), _array(plain.image))
+    face = ph.face_subject()
+    other = subject.visit(1, "MR", face=face)
+    a, b = _array(plain.image).astype(np.float32), _array(other.image).astype(np.float32)
+    la, lb = _array(plain.labels), _array(other.labels)
+    # lesions are where they were, with the same labels
+    for lesion in (ph.BRAIN_LESION, ph.FACE_LESION):
+        assert np.array_equal(la == lesion, lb == lesion)
+    # the face changed, the deep brain did not (the identity field is 0 there; only pose interpolation
+    # at the brain's edge mixes in changed neighbours)
+    assert np.abs(a - b)[la == ph.IDENTITY].mean() > 10.0
+    deep = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.Equal(plain.labels, ph.BRAIN), [3, 3, 3])) > 0
+    assert np.array_equal(a[deep], b[deep])
+    # the default face is nobody's: not the base head's (code 0) and not this subject's
+    code = ph.default_face_code()
+    assert code.shape == (len(ph.SHAPE_MODES),) and np.abs(code).max() <= 1.0
+    assert np.linalg.norm(code) > 1.0
+    assert np.linalg.norm(code - ph.shape_code(subject.shape)) > 1.0
+    with pytest.raises(ValueError, match="identity code"):
+        ph.face_subject(np.zeros(3))

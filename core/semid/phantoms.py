@@ -201,27 +201,46 @@ def _bump(points: np.ndarray, centre: np.ndarray, sigma: float) -> np.ndarray:
     return np.exp(-d2 / (2.0 * sigma**2))[..., None]
 
 
-def _identity_field(base: _Base, rng: np.random.Generator, scale: float = 1.0
-                    ) -> tuple[np.ndarray, dict[str, float]]:
+#: Shape modes of the identity prior and their amplitude ranges (mm, before IDENTITY_SCALE), in the
+#: order of an identity code (``shape_code``). The last three are broad modes (face width, lower-face
+#: length, midface protrusion): the proportions a face recogniser keys on, which local bumps hardly change.
+SHAPE_MODES: dict[str, float] = {
+    "nose_length": 5, "nose_width": 4, "chin_forward": 6, "chin_down": 5, "eye_spacing": 4, "eye_depth": 3,
+    "cheek_width": 5, "cheek_forward": 3, "jaw_width": 5, "brow": 3, "lips": 3,
+    "face_width": 4, "face_length": 4, "midface": 3,
+}
+
+
+def draw_shape(rng: np.random.Generator, scale: float = IDENTITY_SCALE) -> dict[str, float]:
+    """Shape-mode amplitudes (mm) of one face drawn from the identity prior (uniform in each range)."""
+    return {k: scale * float(rng.uniform(-r, r)) for k, r in SHAPE_MODES.items()}
+
+
+def shape_code(shape: dict[str, float], scale: float = IDENTITY_SCALE) -> np.ndarray:
+    """A face's identity code: its shape-mode amplitudes divided by their ranges, each in [-1, 1]."""
+    return np.array([shape[k] / (scale * r) for k, r in SHAPE_MODES.items()], np.float32)
+
+
+def _identity_field(base: _Base, rng: np.random.Generator, scale: float = 1.0,
+                    shape: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """A subject's identity displacement field (mm) on the base grid, shape (z, y, x, 3), LPS.
 
     The field is the sum of anatomical shape modes (nose length and width, chin, jaw and cheek width,
     eye spacing and depth, brow and lip protrusion; Gaussian bumps of random amplitude at landmarks
     found on the base) and a smooth random field, built on a coarse grid, interpolated to the base grid,
     capped at MAX_DISPLACEMENT_MM and multiplied by the base's fade weight (exactly 0 in the brain).
+    With ``shape`` (amplitudes in mm, as ``draw_shape`` returns), those modes are used and there is no
+    random field: the face is a function of its code.
     """
     pts = idm._physical_points(base.coarse)
     lm = base.landmarks
     mid = lm["midline"][0]
     lateral = np.sign(pts[..., 0:1] - mid) * _LEFT  # outward, on either side of the midline
-    p = {"nose_length": rng.uniform(-5, 5), "nose_width": rng.uniform(-4, 4), "chin_forward": rng.uniform(-6, 6),
-         "chin_down": rng.uniform(-5, 5), "eye_spacing": rng.uniform(-4, 4), "eye_depth": rng.uniform(-3, 3),
-         "cheek_width": rng.uniform(-5, 5), "cheek_forward": rng.uniform(-3, 3), "jaw_width": rng.uniform(-5, 5),
-         "brow": rng.uniform(-3, 3), "lips": rng.uniform(-3, 3)}
-    # broad modes (face width, lower-face length, midface protrusion): the proportions a face recogniser
-    # keys on, which the local bumps above hardly change
-    p.update({"face_width": rng.uniform(-4, 4), "face_length": rng.uniform(-4, 4), "midface": rng.uniform(-3, 3)})
-    p = {k: scale * v for k, v in p.items()}
+    if shape is None:
+        # drawn one by one in this order, so the populations of earlier versions stay the same people
+        p = {k: scale * rng.uniform(-r, r) for k, r in SHAPE_MODES.items()}
+    else:
+        p = dict(shape)
     u = p["nose_length"] * _ANTERIOR * _bump(pts, lm["nose"], 12.0)
     # nose width: derivative-of-Gaussian across the midline, so the two sides move apart smoothly
     u = u + p["nose_width"] * ((pts[..., 0:1] - mid) / 10.0) * _LEFT * _bump(pts, lm["nose"] - 8 * _ANTERIOR, 10.0)
@@ -236,12 +255,13 @@ def _identity_field(base: _Base, rng: np.random.Generator, scale: float = 1.0
     u = u + p["face_width"] * ((pts[..., 0:1] - mid) / 40.0) * _LEFT * _bump(pts, face_centre, 35.0)
     u = u + p["face_length"] * ((pts[..., 2:3] - lm["nose"][2]) / 40.0) * _SUPERIOR * _bump(pts, lm["chin"], 30.0)
     u = u + p["midface"] * _ANTERIOR * _bump(pts, lm["nose"] - 20.0 * _ANTERIOR, 25.0)
-    noise = rng.standard_normal((3, *pts.shape[:3])).astype(np.float32)
-    for k in range(3):
-        smooth = sitk.SmoothingRecursiveGaussian(_image_like(noise[k], base.coarse), RANDOM_FIELD_SCALE_MM)
-        noise[k] = sitk.GetArrayFromImage(smooth)
-    noise *= scale * RANDOM_FIELD_MM / max(float(np.abs(noise).max()), 1e-6)
-    u = u + np.moveaxis(noise, 0, -1)
+    if shape is None:
+        noise = rng.standard_normal((3, *pts.shape[:3])).astype(np.float32)
+        for k in range(3):
+            smooth = sitk.SmoothingRecursiveGaussian(_image_like(noise[k], base.coarse), RANDOM_FIELD_SCALE_MM)
+            noise[k] = sitk.GetArrayFromImage(smooth)
+        noise *= scale * RANDOM_FIELD_MM / max(float(np.abs(noise).max()), 1e-6)
+        u = u + np.moveaxis(noise, 0, -1)
     # interpolate each component to the base grid (the field is smooth at 4 mm), then confine it
     full = np.stack([sitk.GetArrayFromImage(sitk.Resample(_image_like(u[..., k].astype(np.float32), base.coarse),
                                                           base.image, sitk.Transform(), sitk.sitkLinear, 0.0))
@@ -315,13 +335,14 @@ class Subject:
         anatomy_labels: (z, y, x) uint8 labels 0-3 of ``anatomy``.
     """
 
-    def __init__(self, base: _Base, index: int, seed: int, identity_scale: float = 1.0) -> None:
+    def __init__(self, base: _Base, index: int, seed: int, identity_scale: float = 1.0,
+                 shape: dict[str, float] | None = None) -> None:
         self.base = base
         self.index = index
         self.seed = seed
         self.subject_id = f"sub-{index:03d}"
         rng = np.random.default_rng([seed, index, 0])
-        self.displacement, self.shape = _identity_field(base, rng, identity_scale)
+        self.displacement, self.shape = _identity_field(base, rng, identity_scale, shape)
         field_img = sitk.GetImageFromArray(self.displacement.astype(np.float64), isVector=True)
         field_img.CopyInformation(base.image)
         warp = sitk.DisplacementFieldTransform(field_img)
@@ -393,12 +414,16 @@ class Subject:
 
     # ------------------------------------------------------------------------------------------- visits
 
-    def visit(self, j: int, modality: str = "MR") -> Visit:
+    def visit(self, j: int, modality: str = "MR", face: Subject | None = None) -> Visit:
         """Visit ``j`` of this subject as MR or CT (same pose, lesions and labels for both).
 
         Args:
             j: visit number (>= 0); any number of visits is defined.
             modality: "MR" (T1w-like, arbitrary units) or "CT" (Hounsfield units).
+            face: render the same visit (pose, lesions, acquisition) on another subject's face, e.g.
+                ``face_subject(code)``: what a de-identifier should ideally output. Lesions stay where
+                they are in this subject's visit, with the same appearance; everything outside the
+                identity region's fade margin is identical to the plain visit.
 
         Returns:
             A ``Visit``: int16 image and uint8 labels on the base grid (e.g. 104 x 128 x 128 voxels of
@@ -418,13 +443,16 @@ class Subject:
         axis = int(geo.integers(3))
         lesion_draws = self._draw_lesions(geo)
 
-        anatomy = (self._mr if modality == "MR" else self._ct_anatomy()).copy()
-        labels = self.anatomy_labels.copy()
+        canvas = self if face is None else face
+        anatomy = (canvas._mr if modality == "MR" else canvas._ct_anatomy()).copy()
+        labels = canvas.anatomy_labels.copy()
+        # lesions are placed by this subject's tissue (and by the lesions painted before them)
+        own_labels = labels if face is None else self.anatomy_labels.copy()
         look = np.random.default_rng([self.seed, self.index, j + 1, 2])  # lesion appearance, both modalities
         records = []
         for sl, alpha, info in lesion_draws:
             tissue = BRAIN if info["label"] == BRAIN_LESION else IDENTITY
-            inside = labels[sl] == tissue
+            inside = own_labels[sl] == tissue
             a = alpha * inside  # a lesion never leaves its tissue: its label and its intensity agree
             if info["label"] == BRAIN_LESION:
                 hypo = info["kind"] == "hypointense"
@@ -442,6 +470,7 @@ class Subject:
                     target = look.uniform(45, 65)
             anatomy[sl] = anatomy[sl] * (1.0 - a) + a * target
             labels[sl][(alpha >= 1.0) & inside] = info["label"]
+            own_labels[sl][(alpha >= 1.0) & inside] = info["label"]
             centre_lps = self.base.image.TransformIndexToPhysicalPoint([int(v) for v in info["centre_index_zyx"][::-1]])
             records.append({**info, "centre_lps_mm": [round(c, 2) for c in centre_lps],
                             "volume_ml": round(float(((alpha >= 1.0) & inside).sum()) * float(
@@ -537,3 +566,26 @@ class Population:
             for j in range(n_visits):
                 for modality in self.modalities:
                     yield subject.visit(j, modality)
+
+
+#: Seed of SemID's default face: the face a de-identified head gets when no synthetic identity is
+#: asked for. Drawn once from the identity prior, like any phantom face; it is nobody's face (in
+#: particular not the base head's, whose code is all zeros: see ``default_face_code``).
+DEFAULT_FACE_SEED = 31337
+
+
+def default_face_code(scale: float = IDENTITY_SCALE) -> np.ndarray:
+    """The identity code (``shape_code``) of SemID's default face."""
+    return shape_code(draw_shape(np.random.default_rng(DEFAULT_FACE_SEED), scale), scale)
+
+
+def face_subject(code: np.ndarray | None = None, base: str = "small", scale: float = IDENTITY_SCALE) -> Subject:
+    """A face made from an identity code (``shape_code`` values in [-1, 1]; None: the default face),
+    on a base head, with no random field: the canvas for ``Subject.visit(face=...)``."""
+    code = default_face_code(scale) if code is None else np.asarray(code, np.float32)
+    if code.shape != (len(SHAPE_MODES),):
+        raise ValueError(f"an identity code has {len(SHAPE_MODES)} values, not {code.shape}")
+    shape = {k: float(c) * scale * r for c, (k, r) in zip(code, SHAPE_MODES.items(), strict=True)}
+    subject = Subject(_load_base(base), 0, DEFAULT_FACE_SEED, scale, shape=shape)
+    subject.subject_id = "face-" + "".join(f"{int(round(10 * float(c))):+d}" for c in code[:3])
+    return subject
