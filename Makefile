@@ -50,8 +50,9 @@ $(PEERS)/.installed: benchmarks/peers-requirements.txt
 	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
 	touch $@
 
-bench: $(VENV)/.installed $(PEERS)/.installed
+bench: $(VENV)/.installed $(PEERS)/.installed data
 	$(PY) benchmarks/dicom_headers.py --peers-venv $(PEERS) --out benchmarks/results/dicom_headers.md
+	$(PY) benchmarks/volume_speed.py --out benchmarks/results/volume_speed.md
 
 lint: venv
 	$(VENV)/bin/ruff check core monailabel_app slicer_extension tests

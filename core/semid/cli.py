@@ -52,7 +52,7 @@ def default_record_path(out: Path) -> Path:
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
     from semid.io import check_output_path, read_volume, write_json, write_volume
-    from semid.pipeline import Deidentifier, parse_level
+    from semid.pipeline import Deidentifier, make_fill, parse_level
 
     level = parse_level(args.level)
     out = check_output_path(args.output, args.input)
@@ -65,7 +65,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     try:
         stages("reading the volume")
         image = read_volume(args.input)
-        result = Deidentifier(level).run(image, progress=stages)
+        result = Deidentifier(level, fill=make_fill(args.fill, args.identity)).run(image, progress=stages)
         stages("writing the output")
         write_volume(result.image, out)
         result.record["elapsed_s"] = round(time.perf_counter() - started, 3)
@@ -234,7 +234,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 #: ``semid train MODEL ...`` -> the module whose ``main(["train", ...])`` retrains that model's committed weights.
-TRAINABLE = {"reid": "semid.eval.attack_reid", "segmentation": "semid.eval.utility"}
+TRAINABLE = {"reid": "semid.eval.attack_reid", "segmentation": "semid.eval.utility",
+             "generator": "semid.compensation", "encoder": "semid.semantics.encoders",
+             "identity": "semid.identity.network", "decoupler": "semid.semantics.decoupling"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -255,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha) or a new folder for DICOM")
     p.add_argument("--level", default="high",
                    help="privacy level: off, low, medium, high, max, or a number 0..1 (default high)")
+    p.add_argument("--fill", choices=["auto", "learned", "surface"], default="auto",
+                   help="what fills the blocked region: the learned generator (auto: when its weights are there) "
+                        "or the plain featureless surface")
+    p.add_argument("--identity", choices=["default", "synthetic"], default="default",
+                   help="learned fill: SemID's default face, or a synthetic face drawn from the identity prior")
     p.add_argument("--record", help="where to write the JSON record (default: beside OUT, .json)")
     p.add_argument("--qc", help="also write a QC picture (PNG): slices and renders, original beside output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
@@ -301,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="retrain a benchmark model's committed weights on phantoms (reid: attacker A2; "
-                                     "segmentation: utility U1)")
+                                     "segmentation: utility U1; encoder: the bundled feature encoder; "
+                                     "identity: the identity-region network)")
     p.add_argument("model", choices=sorted(TRAINABLE))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the model's trainer (see `semid train MODEL "
                                                            "--help`)")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from semid.errors import InputError
+
 #: Box size (z, y, x) in voxels of ``BOX_SPACING`` mm, in the atlas frame.
 BOX_SHAPE = (80, 96, 96)
 BOX_SPACING = 2.0
@@ -156,7 +158,8 @@ def phantom_samples(cache_dir: Path, seed: int, subjects: range | list[int], vis
     """``phantom_sample`` for every (subject, visit, modality), each cached as one .npz in ``cache_dir``.
 
     A sample already in the cache is not made again; files are written under a temporary name and
-    renamed, so an interrupted run leaves no half-written sample.
+    renamed, so an interrupted run leaves no half-written sample. A visit the pipeline refuses (see
+    ``Deidentifier.locate``) is skipped and remembered as such (a ``.skipped`` file with the reason).
     """
     import time
 
@@ -166,8 +169,18 @@ def phantom_samples(cache_dir: Path, seed: int, subjects: range | list[int], vis
     todo = [(s, v, m) for s in subjects for v in visits for m in modalities]
     for k, (s, v, m) in enumerate(todo):
         path = cache_dir / f"facebox_{seed}_{s:04d}_{v}_{m}.npz"
+        skip = path.with_suffix(".skipped")
+        if skip.exists():
+            continue
         if not path.exists():
-            sample = phantom_sample(seed, s, v, m)
+            try:
+                sample = phantom_sample(seed, s, v, m)
+            except InputError as exc:
+                # the pipeline itself refuses this visit (a strong face deformation can fail the face
+                # check): it can never reach the generator, so it is no training sample either
+                skip.write_text(str(exc))
+                log(f"  face-box sample {path.stem} skipped: {exc}")
+                continue
             tmp = path.with_suffix(".tmp.npz")
             np.savez_compressed(tmp, **sample)
             tmp.replace(path)

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -209,6 +210,20 @@ def atomic_path(target: str | Path, staging: Path | None = None) -> Iterator[Pat
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def plain_metadata(obj: Any) -> Any:
+    """Metadata as lists, dicts, str and numbers only: what ``torch.load(weights_only=True)`` and JSON read
+    (numpy scalars become Python numbers; ``torch.__version__``, a str subclass, becomes a str)."""
+    if isinstance(obj, dict):
+        return {str(k): plain_metadata(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_metadata(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, str):
+        return str(obj)
+    return obj
 
 
 def write_json(data, target: str | Path) -> Path:

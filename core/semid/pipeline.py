@@ -19,6 +19,7 @@ there. ``Deidentifier.locate`` (head mask and atlas registration) can be run onc
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import SimpleITK as sitk
 from semid import __version__
 from semid import identity as idm
 from semid.errors import InputError
+from semid.identity.ranking import nested_block
 from semid.io import MODALITY_KEY, modality_of, require_3d_scalar
 
 #: Privacy presets (DESIGN.md §4); any float in [0, 1] is accepted too.
@@ -200,13 +202,22 @@ class FillContext:
         return self.location.modality
 
 
+@dataclass
+class FillResult:
+    """A fill's values (ROI grid, input dtype) with what it measured, for the run's record."""
+
+    values: np.ndarray
+    record: dict = field(default_factory=dict)
+
+
 class Fill(Protocol):
-    """What goes into ``B_p``: values on the ROI grid, same dtype as the input; only ``B_p`` is used."""
+    """What goes into ``B_p``: values on the ROI grid, same dtype as the input (or a ``FillResult``);
+    only ``B_p`` is used."""
 
     name: str
     description: str
 
-    def __call__(self, ctx: FillContext) -> np.ndarray: ...
+    def __call__(self, ctx: FillContext) -> np.ndarray | FillResult: ...
 
 
 @dataclass
@@ -250,6 +261,44 @@ class SurfaceFill:
         return _cast_like(fill, ctx.roi_arr.dtype)
 
 
+#: Dice (inside the head) below which the identity network's region is not trusted and the atlas's is used.
+MIN_NETWORK_AGREEMENT = 0.6
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_identity_network():  # noqa: ANN202 - torch stays out of this module's import
+    from semid.identity.network import IdentityNetwork
+
+    return IdentityNetwork.load()
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reid():  # noqa: ANN202
+    from semid.identity.saliency import load_reid
+
+    return load_reid()
+
+
+def make_fill(kind: str = "auto", identity: str = "default", seed_weights: Path | None = None) -> Fill:
+    """The fill named ``kind``: "learned" (the compensation generator), "surface" (the plain featureless
+    surface), or "auto" (learned when its weights are installed, else surface)."""
+    if kind not in ("auto", "learned", "surface"):
+        raise InputError(f"unknown fill {kind!r}: use auto, learned or surface.")
+    if kind == "surface":
+        return SurfaceFill()
+    try:
+        from semid.compensation import DEFAULT_WEIGHTS, LearnedFill
+    except ImportError as exc:  # the core install has no torch: the learned parts come with `.[server]`
+        if kind == "auto":
+            return SurfaceFill()
+        raise InputError("The learned fill needs torch and MONAI: pip install 'semid[server]'.") from exc
+
+    weights = seed_weights or DEFAULT_WEIGHTS
+    if kind == "auto" and not Path(weights).exists():
+        return SurfaceFill()
+    return LearnedFill(weights, identity=identity)
+
+
 @dataclass
 class Deidentifier:
     """Non-learned de-identifier behind the interface the learned one fills later.
@@ -258,16 +307,26 @@ class Deidentifier:
         level: privacy level ``p`` in [0, 1] or a preset name (off, low, medium, high, max).
         atlas_dir: folder of the identity atlas (default: the data folder's ``atlas``).
         seed: seed of the fill's noise, so a run is reproducible.
-        fill: what goes into ``B_p`` (default: ``SurfaceFill``, the featureless head surface).
+        fill: what goes into ``B_p`` (default: ``SurfaceFill``, the featureless head surface; ``make_fill``
+            gives the learned one).
+        identity: where the identity region and ``s(x)`` come from: "network" (the identity network,
+            checked against the atlas: below ``MIN_NETWORK_AGREEMENT`` the atlas is used and the record
+            says so), "atlas" (the registered atlas only), "auto" (network when its weights are installed).
+        saliency: order the region by the re-identification network's occlusion saliency (a few seconds
+            more) instead of the atlas score.
     """
 
     level: float | str = "high"
     atlas_dir: Path | None = None
     seed: int = 0
     fill: Fill = field(default_factory=SurfaceFill)
+    identity: str = "auto"
+    saliency: bool = False
 
     def __post_init__(self) -> None:
         self.level = parse_level(self.level)
+        if self.identity not in ("auto", "network", "atlas"):
+            raise InputError(f"unknown identity source {self.identity!r}: use auto, network or atlas.")
 
     def locate(self, image: sitk.Image, progress: Progress | None = None) -> Location:
         """Head mask and atlas registration of one 3D volume (what ``run`` needs before blocking).
@@ -333,6 +392,8 @@ class Deidentifier:
         out = np.array(arr, copy=True)
         mask = np.zeros(arr.shape, dtype=np.uint8)
         record_extra: dict = {"identity_region_ml": 0.0}
+        fill_record: dict = {}
+        identity_record: dict = {"identity_source": "atlas-registration"}
         if roi_size is not None:
             roi = sitk.RegionOfInterest(image, roi_size, roi_index)
             to_atlas = location.to_atlas
@@ -341,14 +402,23 @@ class Deidentifier:
             brain = sitk.GetArrayFromImage(sitk.Resample(atlas.brain, roi, to_atlas,
                                                          sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
             region = (score > 0.02) & ~brain
-            blocked = nested_block(score, region, self.level)
-            lap("identity_map")
-            say("filling the blocked region")
             sl = _roi_slices(roi_index, roi_size)
             roi_arr = arr[sl]
             head_roi = _head_in_roi(roi, location.threshold, location.head_coarse)
+            if self.identity != "atlas":
+                learned = self._learned_identity(image, sl, modality, score, region, brain, head_roi)
+                identity_record = learned[2]
+                if learned[0] is not None:
+                    score, region = learned[0], learned[1]
+            blocked = nested_block(score, region, self.level)
+            lap("identity_map")
+            say("filling the blocked region")
             ctx = FillContext(image, roi, sl, roi_arr, head_roi, blocked, region, brain, location, self.seed)
-            filled = np.asarray(self.fill(ctx))
+            filled = self.fill(ctx)
+            if isinstance(filled, FillResult):
+                fill_record = filled.record
+                filled = filled.values
+            filled = np.asarray(filled)
             if filled.shape != roi_arr.shape:
                 raise ValueError(f"fill {self.fill.name!r} returned shape {filled.shape}, expected {roi_arr.shape}")
             out[sl][blocked] = filled[blocked]
@@ -376,7 +446,7 @@ class Deidentifier:
             "level": self.level,
             "preset": preset_name(self.level),
             "method": self.fill.description,
-            "identity_source": "atlas-registration",
+            **identity_record,
             "atlas": atlas.version,
             "modality": modality,
             "registration_head_dice": round(fit.dice, 4),
@@ -389,9 +459,68 @@ class Deidentifier:
             "unchanged_fraction_outside_block": _fraction_unchanged(changed, mask),
             "geometry_preserved": True,
             "pixel_type": image.GetPixelIDTypeAsString(),
+            **fill_record,
             "timings_s": timings,
         }
         return DeidResult(result, mask_img, record)
+
+    def _learned_identity(self, image: sitk.Image, sl: tuple[slice, slice, slice], modality: str,
+                          atlas_score: np.ndarray, atlas_region: np.ndarray, brain: np.ndarray,
+                          head_roi: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+        """``s(x)`` and the region from the identity network (plus, with ``saliency``, the re-identification
+        saliency; else the atlas score orders the region), on the ROI; (None, None, record) when the
+        network is not installed or disagrees with the atlas region (then the atlas is used)."""
+        from scipy import ndimage
+
+        from semid.identity import ranking
+        try:
+            from semid.identity import network as idnet
+        except ImportError as exc:  # the core install has no torch/MONAI
+            if self.identity == "network":
+                raise InputError("The identity network needs torch and MONAI: pip install 'semid[server]'.") from exc
+            return None, None, {"identity_source": "atlas-registration (torch/MONAI not installed)"}
+
+        if not idnet.DEFAULT_WEIGHTS.exists():
+            if self.identity == "network":
+                raise InputError("The identity network's weights are missing: train them with "
+                                 "`semid train identity`, or use identity='atlas'.")
+            return None, None, {"identity_source": "atlas-registration (no identity network installed)"}
+        net = _cached_identity_network()
+        prob = sitk.GetArrayFromImage(net.predict(image, modality))[sl]  # a copy: the image is a temporary
+        # holes (sinus air, a dark orbit the network is unsure of) join the region: an unblocked island
+        # inside a blocked face would keep a piece of the original in place
+        tissue = ndimage.binary_fill_holes(ranking.region_from_prob(prob))
+        # the atlas keeps its region BRAIN_MARGIN_MM from the brain; the network's region keeps the same
+        # distance, or its rim reaches into the true brain where the atlas brain is a little small
+        brain_img = sitk.GetImageFromArray(brain.astype(np.uint8))
+        brain_img.SetSpacing(image.GetSpacing())
+        near_brain = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+            brain_img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)) < idm.BRAIN_MARGIN_MM
+        tissue &= ~near_brain
+        check = ranking.agreement(tissue & head_roi, atlas_region & head_roi, image.GetSpacing())
+        record: dict = {"identity_network": net.describe(), "identity_agreement_with_atlas": check}
+        # (the region below is the union of the network's and the atlas's, so this check is about trust
+        # in the network, not about what is blocked)
+        if check["dice"] < MIN_NETWORK_AGREEMENT:
+            record["identity_source"] = (f"atlas-registration (the network's region agreed with the atlas's "
+                                         f"only at Dice {check['dice']:.2f} < {MIN_NETWORK_AGREEMENT})")
+            return None, None, record
+        # the network segments tissue; the air in front of the face joins the region as in the atlas,
+        # so a fill may draw a face that sticks out further than the original. The network adds to the
+        # atlas's region and never removes from it: on the real head its region alone left enough of
+        # the face for dlib to match the surface fill's output to the original (distance 0.40 < 0.6)
+        region = (ranking.with_air_margin(tissue, head_roi, image.GetSpacing()) | atlas_region) & ~near_brain
+        if self.saliency:
+            from semid.identity import saliency as sal
+
+            order = sitk.GetArrayFromImage(sal.identity_saliency(image, _cached_reid(), modality=modality))[sl]
+            record["identity_source"] = "identity-network and atlas + re-identification saliency"
+        else:
+            order = np.clip(atlas_score / max(float(atlas_score.max()), 1e-6), 0.0, 1.0)
+            record["identity_source"] = "identity-network and atlas (ordered by the atlas score)"
+        # voxels of the air margin have no network probability: they rank by the order alone, last
+        score = np.where(region, np.maximum(ranking.combine(prob, order), 1e-3 * order + 1e-9), 0.0)
+        return score.astype(np.float32), region, record
 
     def _untouched(self, image: sitk.Image) -> DeidResult:
         """Level 0 (``off``): the input as it is, nothing blocked, no registration needed."""
@@ -410,22 +539,6 @@ def _require_not_constant(image: sitk.Image) -> None:
     stats.Execute(image)
     if not np.isfinite(stats.GetSum()) or stats.GetMinimum() == stats.GetMaximum():
         raise InputError("The volume is empty or constant: give a head CT or MR volume.")
-
-
-def nested_block(score: np.ndarray, region: np.ndarray, level: float) -> np.ndarray:
-    """``B_p``: the top ``level`` fraction of ``region``'s voxels ranked by ``score``.
-
-    The ranking (score descending, then voxel index) does not depend on ``level``, so the masks are
-    nested: ``B_p`` is a subset of ``B_q`` for ``p <= q``; ``B_0`` is empty and ``B_1`` is the region.
-    """
-    idx = np.flatnonzero(region)
-    count = int(round(level * idx.size))
-    blocked = np.zeros(score.shape, dtype=bool)
-    if count == 0:
-        return blocked
-    order = np.lexsort((idx, -score.ravel()[idx]))
-    blocked.ravel()[idx[order[:count]]] = True
-    return blocked
 
 
 def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

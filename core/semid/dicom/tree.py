@@ -215,7 +215,7 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
     import SimpleITK as sitk
 
     from semid.io import MODALITY_KEY
-    from semid.pipeline import Deidentifier
+    from semid.pipeline import Deidentifier, make_fill
 
     headers = [m.dataset if m.dataset is not None else pydicom.dcmread(m.path, stop_before_pixels=True)
                for m in members]
@@ -246,7 +246,7 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
         return {}
     image.SetMetaData(MODALITY_KEY, members[0].modality)
     try:
-        result = Deidentifier(level).run(image)
+        result = Deidentifier(level, fill=make_fill("auto")).run(image)
     except InputError:
         report.image_series_kept += 1
         return None  # not a head with a face: the header is cleaned, the pixels are kept

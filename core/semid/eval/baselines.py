@@ -8,7 +8,9 @@ removed, and ``record`` holds at least ``method``, ``level`` (None for methods w
 Levelled methods reuse SemID's identity map and its nested blocked region ``B_p`` (the same region for
 every method at a level ``p``) and differ only in what they put there (``semid.pipeline.Fill``):
 
-- ``semid``: SemID's own fill (a featureless head surface);
+- ``semid``: SemID's learned compensation (``semid.compensation.LearnedFill``: the generator draws
+  SemID's default face with the medicine of the decoupled encoder features in it);
+- ``semid-surface``: SemID's plain fill (a featureless head surface, no learned part);
 - ``block``: ``B_p`` set to air, no compensation;
 - ``blur``: the volume blurred with a Gaussian, copied into ``B_p`` only;
 - ``pixelate``: block means of ~8 mm cubes, copied into ``B_p`` only.
@@ -49,6 +51,7 @@ from semid.pipeline import (
     Location,
     SurfaceFill,
     _cast_like,
+    make_fill,
     parse_level,
 )
 
@@ -468,7 +471,8 @@ def _quickshear() -> Method:
 
 
 METHODS: dict[str, Callable[[], Method]] = {
-    "semid": lambda: LevelledMethod("semid", SurfaceFill()),
+    "semid": lambda: LevelledMethod("semid", make_fill("learned")),
+    "semid-surface": lambda: LevelledMethod("semid-surface", SurfaceFill()),
     "block": lambda: LevelledMethod("block", BlockFill()),
     "blur": lambda: LevelledMethod("blur", BlurFill()),
     "pixelate": lambda: LevelledMethod("pixelate", PixelateFill()),

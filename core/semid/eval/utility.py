@@ -36,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from semid.io import MODALITY_KEY
+from semid.io import MODALITY_KEY, plain_metadata
 
 #: Label names, index = label value (``semid.phantoms.LABELS``); Dice is reported for 1..5.
 LABEL_NAMES: tuple[str, ...] = ("background", "brain", "head", "identity", "brain_lesion", "face_lesion")
@@ -389,22 +389,9 @@ def train(out: Path, n_subjects: int = TRAIN_SUBJECTS, seed: int = TRAIN_SEED, s
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({**_plain(meta), "state_dict": state}, out)
+    torch.save({**plain_metadata(meta), "state_dict": state}, out)
     log(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB); total {time.time() - t_start:.0f} s")
     return meta
-
-
-def _plain(obj: Any) -> Any:
-    """Metadata as lists, dicts, str and numbers only (``torch.load(weights_only=True)`` reads it)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, str):
-        return str(obj)  # e.g. torch.__version__ is a str subclass that weights_only cannot read
-    return obj
 
 
 def face_to_air(image: sitk.Image, labels: sitk.Image) -> sitk.Image:

@@ -23,7 +23,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from semid.errors import InputError
 from semid.io import read_volume, write_volume
-from semid.pipeline import LEVEL_PRESETS, Deidentifier, parse_level
+from semid.pipeline import LEVEL_PRESETS, Deidentifier, make_fill, parse_level
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class DeidentifyInfer(InferTask):
         try:
             level = parse_level(request.get("level", self.default_level))
             image = read_volume(image_path)
-            result = Deidentifier(level=level).run(image)
+            result = Deidentifier(level=level, fill=make_fill("auto")).run(image)
         except InputError as error:
             raise HTTPException(status_code=INPUT_ERROR_STATUS, detail=str(error)) from None
 

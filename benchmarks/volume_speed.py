@@ -1,0 +1,94 @@
+"""Speed and peak memory of ``semid deidentify`` on the real 1 mm T1w head, per level and fill.
+
+Each run is the command line as a user types it (a fresh process: interpreter start, imports, model
+loading, reading, de-identifying and writing included), timed by wall clock; its peak resident memory
+comes from the kernel's accounting of that child process (``os.wait4``). The record's own timings give
+the pipeline's stages without start-up. Runs are repeated and the median is shown; the machine is
+noisy, so read the learned fill against the plain one measured in the same run (the ratio column).
+
+Run it with the project's Python after ``make data``: ``python benchmarks/volume_speed.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LEVELS = ("low", "medium", "high", "max")
+FILLS = ("surface", "learned")
+
+
+def run_once(semid: str, src: Path, out: Path, level: str, fill: str) -> dict:
+    """One ``semid deidentify`` process: wall seconds, peak RSS (MB) and the record's stage timings."""
+    record = out.with_suffix("").with_suffix(".json")
+    cmd = [semid, "deidentify", str(src), str(out), "--level", level, "--fill", fill, "--record", str(record),
+           "--quiet"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
+                                                                                        "OMP_NUM_THREADS": "2"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"semid deidentify failed ({level}, {fill}): {err.strip()}")
+    rec = json.loads(record.read_text())
+    out.unlink()
+    record.unlink()
+    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024.0, "pipeline_s": sum(rec["timings_s"].values()),
+            "timings_s": rec["timings_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/volume_speed.md")
+    args = parser.parse_args(argv)
+    from semid.data import data_file
+    from semid.io import read_volume
+
+    src = Path(data_file("heads/t1w_real.nii.gz"))
+    image = read_volume(str(src))
+    semid = str(Path(sys.executable).with_name("semid"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for level in LEVELS:
+            for fill in FILLS:
+                runs = [run_once(semid, src, Path(tmp) / "out.nii.gz", level, fill) for _ in range(args.repeats)]
+                rows.append({"level": level, "fill": fill,
+                             "wall_s": statistics.median(r["wall_s"] for r in runs),
+                             "pipeline_s": statistics.median(r["pipeline_s"] for r in runs),
+                             "peak_mb": max(r["peak_mb"] for r in runs),
+                             "stages": runs[-1]["timings_s"]})
+                print(f"{level:>7} {fill:>8}: {rows[-1]['wall_s']:.2f} s wall, {rows[-1]['pipeline_s']:.2f} s "
+                      f"pipeline, {rows[-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+    size = "×".join(str(v) for v in image.GetSize())
+    lines = [f"`semid deidentify` on the real T1w head ({size} voxels, "
+             f"{'×'.join(f'{v:g}' for v in image.GetSpacing())} mm), median of {args.repeats} runs; "
+             f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.", "",
+             "| level | fill | wall s (process) | pipeline s | peak MB | learned / surface (wall) | stages (s) |",
+             "|---|---|---|---|---|---|---|"]
+    by = {(r["level"], r["fill"]): r for r in rows}
+    for r in rows:
+        ratio = r["wall_s"] / by[(r["level"], "surface")]["wall_s"]
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+        lines.append(f"| {r['level']} | {r['fill']} | {r['wall_s']:.2f} | {r['pipeline_s']:.2f} | {r['peak_mb']:.0f} | "
+                     f"{ratio:.2f} | {stages} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,672 @@
+"""Compensation: the generator that fills the blocked region ``B_p`` (DESIGN.md §4 step 6).
+
+``Generator`` is a 3D U-Net on the face box (``semid.facebox``: the atlas frame, 2 mm) that sees
+
+- the blocked volume (normalised intensities, ``B_p`` set to 0) and ``B_p`` itself,
+- three box coordinates (where in the face it is: the box is the same anatomy for every head),
+- the modality (0 MR, 1 CT),
+- the *decoupled* encoder features of the original volume (``semid.semantics``), injected at the
+  generator's levels of the same stride: what the medicine inside ``B_p`` was (lesions, tissue), with
+  the identity directions projected out,
+- an identity code (``semid.phantoms.shape_code``: 14 face-shape amplitudes in [-1, 1]) at the
+  bottleneck: the face to draw (SemID's default face, or a synthetic one),
+
+and predicts the normalised intensities of the face it should draw, with the medicine in place. The
+volume outside ``B_p`` is never taken from the generator: the pipeline copies the input there.
+
+Training (``train``; ``semid train generator``) uses phantom samples where the ideal answer is known
+(``facebox.phantom_sample``: the same visit rendered on another face, lesions where they were) at a
+random level ``p`` each step, with three terms:
+
+- **medical reconstruction**: L1 to the ideal output inside ``B_p``, weighted up on lesion voxels;
+- **identity push-away**: an identity critic (a Siamese embedding of the box, trained on originals
+  of the training population before the generator, never the benchmark's attacker) must not find the
+  output closer to its source than ``PUSH_MARGIN`` (cosine similarity);
+- **realism**: a small 3D patch discriminator (least-squares GAN) on the box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semid import facebox as fb
+
+MODELS_DIR = Path(__file__).resolve().parent / "data" / "models"
+DEFAULT_WEIGHTS = MODELS_DIR / "generator.pt"
+CODE_DIM = 14
+#: Generator widths at strides 1, 2, 4, 8.
+WIDTHS = (8, 24, 48, 64)
+#: Lesion voxels weigh this much more than other voxels in the reconstruction term.
+LESION_WEIGHT = 8.0
+#: Cosine similarity to the source's identity-critic embedding above which the push-away term acts.
+PUSH_MARGIN = 0.3
+FORMAT = 1
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    # instance norm: the generator runs on one volume at a time, batch statistics would be noise
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride, 1), nn.InstanceNorm3d(c_out, affine=True),
+                         nn.LeakyReLU(0.1, inplace=True))
+
+
+class Generator(nn.Module):
+    """G(blocked volume, B_p, decoupled features, identity code) -> normalised face intensities.
+
+    A U-Net written out here rather than MONAI's ``UNet`` because the encoder's features enter at the
+    generator's own levels (stride 2, 4, 8) and the identity code at the bottleneck, which MONAI's
+    networks have no inputs for.
+
+    Args:
+        feature_channels: channels of the encoder's levels at strides 2, 4 and 8 (``Encoder.channels``).
+        widths: generator channels at strides 1, 2, 4, 8.
+
+    Shapes: ``blocked`` and ``mask`` (B, 1, D, H, W) with D, H, W divisible by 8; ``coords`` (B, 3, D, H, W)
+    box coordinates (``box_coordinates``, cropped like the volume when training on patches);
+    ``features`` a list of three maps (B, C_l, D/s, H/s, W/s) for s = 2, 4, 8; ``code`` (B, 14);
+    ``modality`` (B,) 0 MR, 1 CT. Returns (B, 1, D, H, W), non-negative.
+    """
+
+    def __init__(self, feature_channels: Sequence[int] = (16, 32, 64), widths: Sequence[int] = WIDTHS) -> None:
+        super().__init__()
+        if len(feature_channels) != 3 or len(widths) != 4:
+            raise ValueError("the generator takes encoder features at strides 2, 4, 8 and four widths")
+        self.feature_channels, self.widths = tuple(int(c) for c in feature_channels), tuple(int(w) for w in widths)
+        w0, w1, w2, w3 = self.widths
+        f1, f2, f3 = self.feature_channels
+        self.inc = nn.Sequential(_conv(6, w0), _conv(w0, w0))  # blocked, mask, 3 coords, modality
+        self.down1 = nn.Sequential(_conv(w0, w1, 2), _conv(w1, w1))
+        self.mix1 = _conv(w1 + f1, w1)
+        self.down2 = nn.Sequential(_conv(w1, w2, 2), _conv(w2, w2))
+        self.mix2 = _conv(w2 + f2, w2)
+        self.down3 = nn.Sequential(_conv(w2, w3, 2), _conv(w3, w3))
+        self.mix3 = _conv(w3 + f3 + CODE_DIM, w3)
+        self.bottleneck = nn.Sequential(_conv(w3, w3), _conv(w3, w3))
+        self.up3 = _conv(w3 + w2, w2)
+        self.up2 = _conv(w2 + w1, w1)
+        self.up1 = _conv(w1 + w0, w0)
+        self.out = nn.Conv3d(w0, 1, 1)
+
+    def forward(self, blocked: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor,
+                features: Sequence[torch.Tensor], code: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        b = blocked.shape[0]
+        mod = modality.float().view(b, 1, 1, 1, 1).expand_as(blocked)
+        x0 = self.inc(torch.cat([blocked, mask, coords, mod], 1))
+        x1 = self.mix1(torch.cat([self.down1(x0), _fit_to(features[0], x0.shape[2:], 2)], 1))
+        x2 = self.mix2(torch.cat([self.down2(x1), _fit_to(features[1], x1.shape[2:], 2)], 1))
+        d3 = self.down3(x2)
+        c = code.float().view(b, -1, 1, 1, 1).expand(-1, -1, *d3.shape[2:])
+        x3 = self.bottleneck(self.mix3(torch.cat([d3, _fit_to(features[2], x2.shape[2:], 2), c], 1)))
+        y = self.up3(torch.cat([F.interpolate(x3, size=x2.shape[2:], mode="trilinear"), x2], 1))
+        y = self.up2(torch.cat([F.interpolate(y, size=x1.shape[2:], mode="trilinear"), x1], 1))
+        y = self.up1(torch.cat([F.interpolate(y, size=x0.shape[2:], mode="trilinear"), x0], 1))
+        return F.softplus(self.out(y))
+
+
+def box_coordinates(shape: Sequence[int] = fb.BOX_SHAPE, device: torch.device | None = None) -> torch.Tensor:
+    """(1, 3, D, H, W) coordinates of the face box's voxels, each axis in [-1, 1]."""
+    axes = [torch.linspace(-1.0, 1.0, int(n), device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def _fit_to(feature: torch.Tensor, finer_shape: Sequence[int], factor: int) -> torch.Tensor:
+    """An encoder map resized to the generator's next-coarser level (same stride up to rounding)."""
+    size = [max(1, (int(n) + factor - 1) // factor) for n in finer_shape]
+    if list(feature.shape[2:]) == size:
+        return feature
+    return F.interpolate(feature, size=size, mode="trilinear")
+
+
+class IdentityCritic(nn.Module):
+    """Siamese embedding of a face box for the push-away loss: (B, 1, D, H, W) -> unit (B, 64).
+
+    Trained on original phantom visits of the training population (``train_critic``), so it knows what
+    makes two visits the same person; the generator is pushed away from its source under it. It is the
+    method's own critic: the benchmark's attacker (A2) never takes part in training.
+    """
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv(1, 16, 2), _conv(16, 32, 2), _conv(32, 48, 2), _conv(48, 64, 2),
+                                  nn.AdaptiveAvgPool3d((3, 3, 3)), nn.Flatten(), nn.Linear(64 * 27, dim))
+
+    def forward(self, box: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.body(box), dim=1)
+
+
+class PatchCritic(nn.Module):
+    """Realism discriminator: (B, 1, D, H, W) -> (B, 1, D/8, H/8, W/8) scores (least-squares GAN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, 16, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
+                                  nn.Conv3d(16, 32, 4, 2, 1), nn.InstanceNorm3d(32), nn.LeakyReLU(0.2, inplace=True),
+                                  nn.Conv3d(32, 48, 4, 2, 1), nn.InstanceNorm3d(48), nn.LeakyReLU(0.2, inplace=True),
+                                  nn.Conv3d(48, 1, 3, 1, 1))
+
+    def forward(self, box: torch.Tensor) -> torch.Tensor:
+        return self.body(box)
+
+
+# ------------------------------------------------------------------------------------------- features
+
+
+def pick_levels(strides: Sequence[int]) -> list[int]:
+    """Indices of the encoder levels whose strides are nearest to the generator's 2, 4 and 8."""
+    return [int(np.argmin([abs(np.log2(max(s, 1)) - np.log2(t)) for s in strides])) for t in (2, 4, 8)]
+
+
+@dataclass
+class Semantics:
+    """The encoder and its decoupler: ``features(box)`` = decoupled maps at strides ~2, 4, 8."""
+
+    encoder: Any
+    decoupler: Any
+    levels: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            self.levels = pick_levels(self.encoder.strides)
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(int(self.encoder.channels[i]) for i in self.levels)
+
+    @torch.no_grad()
+    def features(self, box: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 1, D, H, W) normalised box -> three decoupled maps (B, C_l, ...)."""
+        maps = self.decoupler.apply(self.encoder.features(box))
+        return [maps[i] for i in self.levels]
+
+    def describe(self) -> dict:
+        return {"encoder": self.encoder.describe(), "decoupler": self.decoupler.describe(), "levels": self.levels}
+
+
+def load_semantics(encoder: str | None = None, decoupler: str | Path | None = None,
+                   device: torch.device | str = "cpu") -> Semantics:
+    """The encoder named by ``encoder`` (``semid.semantics.encoders.load_encoder`` spec) with the decoupler
+    saved at ``decoupler`` (default: the committed one for the bundled encoder, none for others)."""
+    from semid.semantics import decoupling, encoders
+
+    enc = encoders.load_encoder(encoder)
+    enc.to(device)
+    if decoupler is None and (encoder in (None, "bundled")) and decoupling.DEFAULT_WEIGHTS.exists():
+        decoupler = decoupling.DEFAULT_WEIGHTS
+    dec = decoupling.Decoupler.load(decoupler) if decoupler else decoupling.Decoupler.identity()
+    return Semantics(enc, dec)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def block_mask(level: float, atlas_dir: str | None = None) -> np.ndarray:
+    """``B_p`` on the box grid (bool (D, H, W)): the pipeline's nested ranking of the atlas score."""
+    from semid.pipeline import nested_block
+
+    box = fb.box_atlas(atlas_dir)
+    return nested_block(box["score"], box["region"], float(level))
+
+
+def _patch_origin(mask: np.ndarray, patch: Sequence[int], rng: np.random.Generator) -> tuple[int, int, int]:
+    """A patch corner (multiple of 8) whose patch holds part of ``mask`` (random voxel of it, jittered)."""
+    shape = np.array(mask.shape)
+    size = np.array(patch)
+    where = np.argwhere(mask)
+    centre = where[rng.integers(len(where))] if len(where) else shape // 2
+    start = np.clip(centre - size // 2 + rng.integers(-8, 9, 3), 0, shape - size)
+    return tuple(int(v) // 8 * 8 for v in start)  # type: ignore[return-value]
+
+
+def train_critic(images: np.ndarray, subjects: np.ndarray, steps: int, device: torch.device, seed: int,
+                 log: Callable[[str], None]) -> IdentityCritic:
+    """The identity critic: batch-hard triplets on original boxes (N, D, H, W), halved in size."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    critic = IdentityCritic().to(device).train()
+    opt = torch.optim.AdamW(critic.parameters(), lr=2e-3, weight_decay=1e-4)
+    people = np.unique(subjects)
+    by_person = {int(p): np.flatnonzero(subjects == p) for p in people}
+    usable = [p for p, idx in by_person.items() if len(idx) >= 2]
+    for step in range(1, steps + 1):
+        who = rng.choice(usable, min(8, len(usable)), replace=False)
+        pick = np.concatenate([rng.choice(by_person[int(p)], 2, replace=False) for p in who])
+        x = F.avg_pool3d(torch.from_numpy(images[pick]).float()[:, None].to(device), 2)
+        emb = critic(x)
+        labels = torch.as_tensor(np.repeat(np.arange(len(who)), 2), device=device)
+        dist = torch.cdist(emb, emb)
+        same = labels[:, None] == labels[None]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=device)
+        hardest_pos = dist.masked_fill(~same | eye, 0).max(1).values
+        hardest_neg = dist.masked_fill(same, 1e3).min(1).values
+        loss = F.softplus(hardest_pos - hardest_neg + 0.2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            log(f"  identity critic step {step}/{steps}: loss {loss.item():.3f}")
+    return critic.eval()
+
+
+@dataclass
+class TrainConfig:
+    """What ``train`` does; the defaults made the committed ``generator.pt``."""
+
+    samples: str = ""
+    out: str = str(DEFAULT_WEIGHTS)
+    encoder: str = "bundled"
+    decoupler: str = ""
+    steps: int = 1500
+    critic_steps: int = 300
+    patch: tuple[int, int, int] = (48, 48, 48)
+    lr: float = 2e-3
+    push_weight: float = 0.5
+    realism_weight: float = 0.05
+    synthetic_fraction: float = 0.3
+    validation_subjects: int = 6
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # CPU threads (0: torch's default); 1 when other jobs share the cores
+    checkpoint_every: int = 100
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_pool(paths: Sequence[Path]) -> dict[str, np.ndarray]:
+    keys = ("image", "target_default", "target_synthetic", "labels", "labels_default", "code_default",
+            "code_synthetic", "subject", "modality")
+    rows = [fb.load_sample(p) for p in paths]
+    pool = {k: np.stack([r[k] for r in rows]) for k in keys}
+    for k in ("image", "target_default", "target_synthetic"):
+        pool[k] = pool[k].astype(np.float16)
+    return pool
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Train the identity critic, then the generator; write ``config.out`` (and a resumable checkpoint).
+
+    Returns the validation report (also stored in the weights file).
+    """
+    from tqdm import tqdm
+
+    device = _device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    paths = sorted(Path(config.samples).glob("facebox_*.npz"))
+    if len(paths) < 8:
+        raise SystemExit(f"only {len(paths)} face-box samples in {config.samples}: make them with "
+                         "`semid train generator --make-samples` first")
+    t0 = time.perf_counter()
+    pool = _load_pool(paths)
+    subjects = pool["subject"]
+    val_people = np.unique(subjects)[-config.validation_subjects:]
+    is_val = np.isin(subjects, val_people)
+    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    log(f"{len(paths)} samples ({len(train_idx)} training, {len(val_idx)} validation) in "
+        f"{time.perf_counter() - t0:.0f} s")
+
+    semantics = load_semantics(config.encoder, config.decoupler or None, device)
+    feats: list[list[torch.Tensor]] = []
+    for i in range(len(paths)):
+        maps = semantics.features(torch.from_numpy(pool["image"][i].astype(np.float32))[None, None].to(device))
+        feats.append([m.half().cpu() for m in maps])
+    log(f"encoder features of every sample ({time.perf_counter() - t0:.0f} s)")
+
+    out = Path(config.out)
+    ckpt = out.with_suffix(".ckpt")
+    state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
+    if state is None:
+        critic = train_critic(pool["image"][train_idx].astype(np.float32), subjects[train_idx],
+                              config.critic_steps, device, config.seed, log)
+    else:  # resuming: the critic the generator was trained against so far
+        critic = IdentityCritic().to(device).eval()
+        critic.load_state_dict(state["critic"])
+    for p in critic.parameters():
+        p.requires_grad_(False)
+
+    gen = Generator(semantics.channels).to(device)
+    disc = PatchCritic().to(device)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=config.lr, weight_decay=1e-5)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=config.lr / 2, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt_g, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
+    start = 1
+    if state is not None:
+        gen.load_state_dict(state["generator"])
+        disc.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        if state["sched"].get("total_steps") == config.steps:
+            sched.load_state_dict(state["sched"])
+        else:  # resumed with another step count: the same one-cycle schedule, stretched to the new length
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt_g, max_lr=config.lr, total_steps=config.steps,
+                                                        pct_start=0.05, last_epoch=state["step"] - 1)
+        rng = np.random.default_rng([config.seed, state["step"]])
+        start = state["step"] + 1
+        log(f"resuming from step {state['step']}")
+
+    coords_full = box_coordinates(fb.BOX_SHAPE, device)
+    pd, ph, pw = config.patch
+    bar = tqdm(range(start, config.steps + 1), initial=start - 1, total=config.steps, file=sys.stderr,
+               unit="step", disable=not sys.stderr.isatty())
+    running: dict[str, float] = {}
+    for step in bar:
+        gen.train()
+        i = int(rng.choice(train_idx))
+        level = 1.0 if rng.random() < 0.4 else float(rng.uniform(0.1, 1.0))
+        mask_np = block_mask(level)
+        z0, y0, x0 = _patch_origin(mask_np, config.patch, rng)
+        sl = (slice(z0, z0 + pd), slice(y0, y0 + ph), slice(x0, x0 + pw))
+        synthetic = rng.random() < config.synthetic_fraction
+        target_key, code_key = ("target_synthetic", "code_synthetic") if synthetic else ("target_default",
+                                                                                          "code_default")
+        image = torch.from_numpy(pool["image"][i].astype(np.float32)).to(device)[None, None]
+        target = torch.from_numpy(pool[target_key][i][sl].astype(np.float32)).to(device)[None, None]
+        lesion = torch.from_numpy(pool["labels"][i][sl] == 5).to(device)[None, None]
+        mask = torch.from_numpy(mask_np).to(device)[None, None].float()
+        mask_p = mask[(..., *sl)]
+        image_p = image[(..., *sl)]
+        f = [m[:, :, z0 // s:(z0 + pd) // s, y0 // s:(y0 + ph) // s, x0 // s:(x0 + pw) // s].float().to(device)
+             for m, s in zip(feats[i], (2, 4, 8), strict=True)]
+        code = torch.from_numpy(pool[code_key][i]).to(device)[None]
+        modality = torch.as_tensor([int(pool["modality"][i])], device=device)
+        pred = gen(image_p * (1 - mask_p), mask_p, coords_full[(..., *sl)], f, code, modality)
+        composite_p = mask_p * pred + (1 - mask_p) * image_p
+
+        weight = mask_p * (1.0 + (LESION_WEIGHT - 1.0) * lesion.float())
+        rec = (weight * (pred - target).abs()).sum() / weight.sum().clamp_min(1.0)
+        composite = image.clone()
+        composite[(..., *sl)] = composite_p
+        e_out = critic(F.avg_pool3d(composite, 2))
+        e_src = critic(F.avg_pool3d(image, 2))
+        cos = (e_out * e_src).sum(1)
+        push = F.relu(cos - PUSH_MARGIN).mean()
+        real_score = disc(composite_p)
+        adv = ((real_score - 1.0) ** 2).mean()
+        loss = rec + config.push_weight * push + config.realism_weight * adv
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+        sched.step()
+        if config.realism_weight > 0:
+            d_loss = ((disc(target) - 1.0) ** 2).mean() + (disc(composite_p.detach()) ** 2).mean()
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+        for k, v in (("rec", rec.item()), ("push", push.item()), ("cos", cos.mean().item()), ("adv", adv.item())):
+            running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            log(f"  generator step {step}/{config.steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in running.items())
+                + f" ({time.perf_counter() - t0:.0f} s)")
+            tmp = ckpt.with_suffix(".ckpt.tmp")
+            torch.save({"generator": gen.state_dict(), "discriminator": disc.state_dict(),
+                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched": sched.state_dict(),
+                        "critic": critic.state_dict(), "step": step}, tmp)
+            tmp.replace(ckpt)
+
+    report = validate(gen, critic, semantics, pool, val_idx, feats, device)
+    log("validation (held-out subjects): " + json.dumps(report))
+    meta = {"format": FORMAT, "feature_channels": list(semantics.channels), "widths": list(gen.widths),
+            "semantics": semantics.describe(), "training": {
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+                "samples": len(paths), "sample_seed": int(fb.TRAIN_SEED), "seconds": round(time.perf_counter() - t0),
+                "command": "semid train generator " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else
+                "semid train generator"}, "validation": report}
+    tmp = out.with_suffix(".tmp")
+    torch.save({"generator": gen.state_dict(), "critic": critic.state_dict(), "meta": meta}, tmp)
+    tmp.replace(out)
+    ckpt.unlink(missing_ok=True)
+    return report
+
+
+@torch.no_grad()
+def validate(gen: Generator, critic: IdentityCritic, semantics: Semantics, pool: dict[str, np.ndarray],
+             idx: np.ndarray, feats: list[list[torch.Tensor]], device: torch.device) -> dict:
+    """Held-out L1 inside B_1 (all, lesion voxels) and the critic's similarity of output to source."""
+    gen.eval()
+    mask = torch.from_numpy(block_mask(1.0)).to(device)[None, None].float()
+    coords = box_coordinates(fb.BOX_SHAPE, device)
+    l1, l1_lesion, cos_out, cos_blocked = [], [], [], []
+    for i in idx:
+        image = torch.from_numpy(pool["image"][i].astype(np.float32)).to(device)[None, None]
+        target = torch.from_numpy(pool["target_default"][i].astype(np.float32)).to(device)[None, None]
+        lesion = torch.from_numpy(pool["labels"][i] == 5).to(device)[None, None] & (mask > 0)
+        code = torch.from_numpy(pool["code_default"][i]).to(device)[None]
+        pred = gen(image * (1 - mask), mask, coords, [m.float().to(device) for m in feats[i]], code,
+                   torch.as_tensor([int(pool["modality"][i])], device=device))
+        out = mask * pred + (1 - mask) * image
+        inside = mask > 0
+        l1.append(float((pred - target).abs()[inside].mean()))
+        if lesion.any():
+            l1_lesion.append(float((pred - target).abs()[lesion].mean()))
+        src = critic(F.avg_pool3d(image, 2))
+        cos_out.append(float((critic(F.avg_pool3d(out, 2)) * src).sum()))
+        cos_blocked.append(float((critic(F.avg_pool3d(image * (1 - mask), 2)) * src).sum()))
+    return {"n": int(len(idx)), "l1_in_block": round(float(np.mean(l1)), 4),
+            "l1_lesion": round(float(np.mean(l1_lesion)), 4) if l1_lesion else None,
+            "critic_similarity_output": round(float(np.mean(cos_out)), 4),
+            "critic_similarity_block_only": round(float(np.mean(cos_blocked)), 4)}
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+
+@dataclass
+class Compensator:
+    """A trained generator with its encoder, decoupler and identity critic, ready to fill face boxes.
+
+    ``fill(box, mask, modality, code)`` takes and returns normalised (D, H, W) float32 box arrays.
+    """
+
+    generator: Generator
+    critic: IdentityCritic
+    semantics: Semantics
+    meta: dict
+    source: Path
+    device: torch.device
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> Compensator:
+        from semid.errors import InputError
+
+        path = Path(path) if path else DEFAULT_WEIGHTS
+        if not path.exists():
+            raise InputError(f"The compensation generator's weights {path.name} are missing: train them with "
+                             "`semid train generator`, or use the plain fill (--fill surface).")
+        dev = _device(device)
+        try:
+            state = torch.load(path, map_location=dev, weights_only=False)
+            meta = state["meta"]
+            sem_meta = meta["semantics"]
+            enc_name = meta["training"].get("encoder") or "bundled"
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same sentence
+            raise InputError(f"{path.name} is not a SemID generator checkpoint (it cannot be read as one): "
+                             "give the file `semid train generator` wrote.") from exc
+        dec_file = sem_meta["decoupler"].get("file")
+        dec_path = (MODELS_DIR / dec_file) if dec_file else None
+        semantics = load_semantics(enc_name, dec_path if dec_path and dec_path.exists() else None, dev)
+        if list(semantics.channels) != list(meta["feature_channels"]):
+            raise InputError(f"The generator {path.name} was trained on another encoder "
+                             f"({sem_meta['encoder'].get('name')}): retrain it with `semid train generator`.")
+        gen = Generator(meta["feature_channels"], meta["widths"]).to(dev).eval()
+        critic = IdentityCritic().to(dev).eval()
+        try:
+            gen.load_state_dict(state["generator"])
+            critic.load_state_dict(state["critic"])
+        except (KeyError, RuntimeError) as exc:
+            raise InputError(f"{path.name} does not fit SemID's generator (its weights have other names or "
+                             "shapes): retrain it with `semid train generator`.") from exc
+        return cls(gen, critic, semantics, meta, path, dev)
+
+    @torch.no_grad()
+    def fill(self, box: np.ndarray, mask: np.ndarray, modality: int, code: np.ndarray) -> np.ndarray:
+        """The generator's box (D, H, W) for a normalised ``box`` and its block ``mask`` (bool)."""
+        x = torch.from_numpy(np.ascontiguousarray(box, np.float32)).to(self.device)[None, None]
+        m = torch.from_numpy(np.ascontiguousarray(mask, np.float32)).to(self.device)[None, None]
+        feats = self.semantics.features(x)
+        pred = self.generator(x * (1 - m), m, box_coordinates(box.shape, self.device), feats,
+                              torch.from_numpy(np.asarray(code, np.float32)).to(self.device)[None],
+                              torch.as_tensor([int(modality)], device=self.device))
+        return pred[0, 0].cpu().numpy()
+
+    @torch.no_grad()
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        """The identity critic's cosine similarity of two normalised boxes (1 = same person to it)."""
+        x = torch.from_numpy(np.stack([a, b]).astype(np.float32)).to(self.device)[:, None]
+        e = self.critic(F.avg_pool3d(x, 2))
+        return float((e[0] * e[1]).sum())
+
+    def describe(self) -> dict:
+        return {"generator": self.source.name, "sha256": _sha256(self.source)[:16],
+                "trained": {k: self.meta["training"].get(k) for k in ("steps", "samples", "sample_seed", "seconds")},
+                **self.semantics.describe()}
+
+
+#: Synthetic identities: tries before giving up, and the critic similarity a synthetic face must stay
+#: below to count as a margin away from the source's (Montenegro et al.: a sampled identity, rejected
+#: if too close to the real one).
+SYNTHETIC_TRIES = 5
+SYNTHETIC_MARGIN = 0.5
+
+
+@dataclass
+class LearnedFill:
+    """SemID's learned fill (``pipeline.Fill``): the compensation generator on the face box.
+
+    The subject's volume is brought into the face box through the atlas fit, the generator draws the
+    face (``identity="default"``: SemID's default face; ``"synthetic"``: a face drawn from the identity
+    prior with ``seed``, redrawn while the identity critic finds it closer than ``SYNTHETIC_MARGIN`` to
+    the source) with the medicine the decoupled features carry, and its box is resampled back onto the
+    subject's grid. Voxels of ``B_p`` that fall outside the box keep the plain surface fill.
+    """
+
+    weights: str | Path | None = None
+    identity: str = "default"
+    device: str = "auto"
+    name: str = "learned"
+    description: str = ("SemID learned compensation: blocked identity region refilled by a generator from "
+                        "decoupled medical-encoder features")
+    _model: Compensator | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.identity not in ("default", "synthetic"):
+            raise ValueError(f"identity must be 'default' or 'synthetic', not {self.identity!r}")
+
+    @property
+    def model(self) -> Compensator:
+        if self._model is None:
+            self._model = Compensator.load(self.weights, self.device)
+        return self._model
+
+    def __call__(self, ctx: Any) -> Any:
+        from semid import phantoms as ph
+        from semid.pipeline import FillResult, SurfaceFill, _cast_like
+
+        model = self.model
+        modality = 1 if ctx.modality == "CT" else 0
+        fit = ctx.location.fit.transform
+        scale = fb.intensity_scale(ctx.image, ctx.modality)
+        background = -1000.0 if ctx.modality == "CT" else 0.0
+        box = scale.normalise(fb.to_box(ctx.image, fit, default=background))
+        # the block on the box: the subject's B_p brought into the atlas frame, grown by a voxel so that
+        # the linear resampling back never mixes in unfilled box voxels
+        blocked_img = sitk.GetImageFromArray(ctx.blocked.astype(np.uint8))
+        blocked_img.CopyInformation(ctx.roi)
+        mask = fb.to_box(blocked_img, fit, sitk.sitkNearestNeighbor) > 0
+        mask = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), [1, 1, 1])) > 0
+
+        rng = np.random.default_rng(ctx.seed)
+        tries, similarity, code = 0, None, ph.default_face_code()
+        while True:
+            if self.identity == "synthetic":
+                code = ph.shape_code(ph.draw_shape(rng))
+            pred = model.fill(box, mask, modality, code)
+            out_box = np.where(mask, pred, box)
+            similarity = model.similarity(out_box, box)
+            tries += 1
+            if self.identity == "default" or similarity < SYNTHETIC_MARGIN or tries >= SYNTHETIC_TRIES:
+                break
+        blocked_only = model.similarity(np.where(mask, 0.0, box), box)
+        values = scale.restore(fb.from_box(pred, ctx.roi, ctx.location.to_atlas, default=-1.0))
+        inside_box = fb.from_box(np.ones(fb.BOX_SHAPE, np.float32), ctx.roi, ctx.location.to_atlas) > 0.99
+        if (ctx.blocked & ~inside_box).any():
+            filled = np.where(inside_box, values, np.asarray(SurfaceFill()(ctx), np.float32))
+        else:  # the usual case: the whole block lies in the face box
+            filled = values
+        from semid.semantics.decoupling import identity_bits_left
+
+        bits_left = identity_bits_left(model.semantics.decoupler)
+        record = {"compensation": model.describe(), "identity_mode": self.identity,
+                  "identity_code_tries": tries,
+                  "residual_risk": {"critic_similarity_output_to_input": round(similarity, 4),
+                                    "critic_similarity_block_only": round(blocked_only, 4),
+                                    "identity_bits_left": bits_left},
+                  "blocked_voxels_outside_face_box": int((ctx.blocked & ~inside_box).sum())}
+        return FillResult(_cast_like(filled, ctx.roi_arr.dtype), record)
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m semid.compensation samples|train``: make the face-box samples, train the generator."""
+    parser = argparse.ArgumentParser(prog="semid train generator", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("samples", help="make (or complete) the cached face-box training samples")
+    s.add_argument("--out", default="", help="cache folder (default: the data folder's train/facebox)")
+    s.add_argument("--subjects", type=int, default=48)
+    s.add_argument("--visits", default="0,1")
+    s.add_argument("--ct-subjects", type=int, default=24, help="subjects that also get a CT of visit 0")
+    t = sub.add_parser("train", help="train the identity critic and the generator")
+    t.add_argument("--make-samples", action="store_true",
+                   help="first make (or complete) the face-box samples with the `samples` defaults")
+    defaults = TrainConfig()
+    for name, value in vars(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, tuple):
+            t.add_argument(flag, type=lambda v: tuple(int(x) for x in v.split(",")), default=value)
+        else:
+            t.add_argument(flag, type=type(value), default=value)
+    args = parser.parse_args(argv)
+    from semid.data import data_dir
+
+    if args.command == "samples":
+        folder = Path(args.out) if args.out else data_dir() / "train" / "facebox"
+        visits = tuple(int(v) for v in args.visits.split(","))
+        fb.phantom_samples(folder, fb.TRAIN_SEED, range(args.subjects), visits, ("MR",))
+        if args.ct_subjects:
+            fb.phantom_samples(folder, fb.TRAIN_SEED, range(args.ct_subjects), (visits[0],), ("CT",))
+        return 0
+    config = TrainConfig(**{k: getattr(args, k) for k in vars(defaults)})
+    if not config.samples:
+        config.samples = str(data_dir() / "train" / "facebox")
+    if args.make_samples:
+        main(["samples", "--out", config.samples])
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The compensation generator (``semid.compensation``) and SemID's learned fill in the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from semid import compensation as comp
+from semid import phantoms as ph
+from semid.errors import InputError
+from semid.pipeline import Deidentifier
+
+
+def test_generator_shapes_and_level_choice() -> None:
+    assert comp.pick_levels((2, 4, 8)) == [0, 1, 2]
+    assert comp.pick_levels((2, 4, 8, 16, 32)) == [0, 1, 2]  # SwinUNETR's hidden states
+    assert comp.pick_levels((4, 8, 16, 16)) == [0, 0, 1]  # a MedicalNet ResNet
+    gen = comp.Generator((4, 6, 8), widths=(4, 6, 8, 8)).eval()
+    x = torch.rand(1, 1, 16, 24, 16)
+    feats = [torch.rand(1, 4, 8, 12, 8), torch.rand(1, 6, 4, 6, 4), torch.rand(1, 8, 2, 3, 2)]
+    with torch.no_grad():
+        y = gen(x, torch.ones_like(x), comp.box_coordinates(x.shape[2:]), feats, torch.zeros(1, 14),
+                torch.tensor([1]))
+    assert y.shape == x.shape and float(y.min()) >= 0.0
+    with pytest.raises(ValueError, match="strides 2, 4, 8"):
+        comp.Generator((4, 6))
+
+
+def test_missing_or_wrong_weights_say_what_to_do(tmp_path) -> None:
+    with pytest.raises(InputError, match="semid train generator"):
+        comp.Compensator.load(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a SemID generator checkpoint"):
+        comp.Compensator.load(junk)
+    if comp.DEFAULT_WEIGHTS.exists():  # right format, wrong shapes
+        state = torch.load(comp.DEFAULT_WEIGHTS, weights_only=False)
+        state["generator"] = {k: v[..., :1] for k, v in state["generator"].items()}
+        torch.save(state, tmp_path / "shapes.pt")
+        with pytest.raises(InputError, match="other names or shapes"):
+            comp.Compensator.load(tmp_path / "shapes.pt")
+
+
+@pytest.fixture(scope="module")
+def visit(sample_head) -> ph.Visit:
+    """A phantom of the benchmark's population (unseen in training) with a face lesion."""
+    return ph.Population(3, seed=2026).subject(2).visit(1, "MR")
+
+
+@pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
+def test_learned_fill_keeps_the_medicine_and_replaces_the_face(visit: ph.Visit) -> None:
+    learned = Deidentifier(1.0, fill=comp.LearnedFill()).run(visit.image)
+    block = Deidentifier(1.0, fill=_AirFill()).run(visit.image)
+    src = sitk.GetArrayFromImage(visit.image).astype(np.float32)
+    out = sitk.GetArrayFromImage(learned.image).astype(np.float32)
+    blocked = sitk.GetArrayFromImage(learned.mask) > 0
+    labels = sitk.GetArrayFromImage(visit.labels)
+    rec = learned.record
+    # outside B_p bit-identical, brain untouched, the record names the models and the residual risk
+    assert np.array_equal(out[~blocked], src[~blocked])
+    assert rec["brain_voxels_changed"] == 0 and rec["unchanged_fraction_outside_block"] == 1.0
+    assert rec["compensation"]["generator"] == comp.DEFAULT_WEIGHTS.name
+    risk = rec["residual_risk"]
+    assert risk["critic_similarity_output_to_input"] < 0.9
+    # the face lesion inside B_p is still there, as bright or dark against its surroundings as before
+    lesion = (labels == ph.FACE_LESION) & blocked
+    assert lesion.sum() > 50
+    ring = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(lesion.astype(np.uint8)), [3] * 3)) > 0
+    ring &= ~lesion & blocked & (labels > 0)
+    contrast_src = src[lesion].mean() - src[ring].mean()
+    contrast_out = out[lesion].mean() - out[ring].mean()
+    assert np.sign(contrast_out) == np.sign(contrast_src) and abs(contrast_out) > 0.4 * abs(contrast_src)
+    # ... while the face itself changed (block-only changed it too, to air)
+    face = (labels == ph.IDENTITY) & blocked
+    assert np.abs(out - src)[face].mean() > 5.0
+    assert sitk.GetArrayFromImage(block.image)[lesion].max() == 0
+
+
+@pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
+def test_synthetic_identity_differs_by_seed(visit: ph.Visit) -> None:
+    a = Deidentifier(1.0, seed=1, fill=comp.LearnedFill(identity="synthetic")).run(visit.image)
+    b = Deidentifier(1.0, seed=2, fill=comp.LearnedFill(identity="synthetic")).run(visit.image)
+    again = Deidentifier(1.0, seed=1, fill=comp.LearnedFill(identity="synthetic")).run(visit.image)
+    arr = [sitk.GetArrayFromImage(r.image) for r in (a, b, again)]
+    assert np.array_equal(arr[0], arr[2])
+    assert not np.array_equal(arr[0], arr[1])
+    assert a.record["identity_mode"] == "synthetic" and 1 <= a.record["identity_code_tries"] <= comp.SYNTHETIC_TRIES
+
+
+class _AirFill:
+    name, description = "air", "block-only"
+
+    def __call__(self, ctx):
+        return np.zeros_like(ctx.roi_arr)
