@@ -94,3 +94,14 @@ class _AirFill:
 
     def __call__(self, ctx):
         return np.zeros_like(ctx.roi_arr)
+
+
+def test_cli_refuses_a_synthetic_identity_with_the_plain_fill(tmp_path, capsys) -> None:
+    from semid.cli import main
+
+    src = tmp_path / "in.nii.gz"
+    src.write_bytes(b"")
+    assert main(["deidentify", str(src), str(tmp_path / "out.nii.gz"), "--fill", "surface",
+                 "--identity", "synthetic"]) == 2
+    assert "--identity synthetic needs the learned fill" in capsys.readouterr().err
+    assert not (tmp_path / "out.nii.gz").exists()

@@ -55,6 +55,8 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     from semid.pipeline import Deidentifier, make_fill, parse_level
 
     level = parse_level(args.level)
+    if args.identity == "synthetic" and args.fill == "surface":
+        raise InputError("--identity synthetic needs the learned fill: drop --fill surface (or --identity).")
     out = check_output_path(args.output, args.input)
     record_path = Path(args.record) if args.record else default_record_path(out)
     check_output_path(record_path, args.input)
