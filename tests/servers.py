@@ -1,0 +1,159 @@
+"""Real servers for the tests: `monailabel start_server` with the SemID app, started on a free loopback
+port in its own process group and stopped by that group's id (never by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = REPO_ROOT / "monailabel_app"
+MONAILABEL = Path(sys.executable).parent / "monailabel"
+
+#: Id under which the sample head sits in the server's datastore (neutral: no name, no date).
+SAMPLE_IMAGE_ID = "head001"
+SERVER_START_TIMEOUT_S = 120.0
+SERVER_STOP_TIMEOUT_S = 15.0
+
+# Log to stdout only (captured into the server's log file): MONAI Label's default log config writes
+# app.log into <app>/logs, i.e. into the repository.
+_LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"simple": {"format": "[%(asctime)s] [%(levelname)s] (%(name)s:%(lineno)d) - %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple"}},
+    "root": {"level": "INFO", "handlers": ["console"]},
+}
+
+
+@dataclass(frozen=True)
+class MonaiLabelServer:
+    """A running `monailabel start_server` with the SemID app."""
+
+    url: str  # e.g. http://127.0.0.1:PORT, no trailing slash
+    pid: int  # leader of its own process group
+    studies: str | Path  # the local datastore folder or the DICOMweb URL
+    log_path: Path  # the server's stdout+stderr
+    tmp_dir: Path  # the server's TMPDIR: uploads and results pass through it
+    image_id: str = SAMPLE_IMAGE_ID  # the sample head's id in the datastore
+
+    def log_tail(self, chars: int = 6000) -> str:
+        """The end of the server log, for failure messages."""
+        return tail(self.log_path, chars)
+
+
+def tail(path: Path, chars: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "<no server log>"
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop the server's process group by id: SIGTERM, then SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=SERVER_STOP_TIMEOUT_S)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=SERVER_STOP_TIMEOUT_S)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    import requests
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"MONAI Label server exited with code {proc.returncode} while starting; log:\n" + tail(log_path, 6000)
+            )
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"MONAI Label server did not answer /info/ within {SERVER_START_TIMEOUT_S:.0f} s; log:\n"
+        + tail(log_path, 6000)
+    )
+
+
+
+
+@contextmanager
+def monailabel_server(root: Path, studies: str | Path, conf: dict[str, str] | None = None,
+                      env_extra: dict[str, str] | None = None) -> Iterator[MonaiLabelServer]:
+    """Start `monailabel start_server` (SemID app, CPU, loopback) under `root`; stop it on exit.
+
+    `studies` is a local folder or a DICOMweb URL; `conf` adds `--conf KEY VALUE` pairs (default
+    `models deidentify`); `env_extra` adds environment variables (MONAI Label settings).
+    Raises RuntimeError with the log tail when the server does not come up.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    log_config = root / "logging.json"
+    log_config.write_text(json.dumps(_LOG_CONFIG))
+    log_path = root / "server.log"
+    server_tmp = root / "tmp"
+    server_tmp.mkdir(exist_ok=True)
+    port = free_loopback_port()
+    url = f"http://127.0.0.1:{port}"
+
+    env = dict(os.environ)
+    # The `monailabel` launcher is a shell script that runs `$MONAILABEL_PYEXE -m monailabel.main`.
+    env["MONAILABEL_PYEXE"] = sys.executable
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, even on a machine with a GPU
+    env["MONAI_LABEL_SESSION_PATH"] = str(root / "sessions")  # not ~/.cache/monailabel
+    env["MONAI_LABEL_TRACKING_ENABLED"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    # MONAI Label writes uploads and results under TMPDIR and leaves an upload behind when the infer
+    # task raises; a private TMPDIR keeps those inside this server's temporary folder.
+    env["TMPDIR"] = str(server_tmp)
+    env.update(env_extra or {})
+    conf = {"models": "deidentify"} if conf is None else conf
+    cmd = [
+        str(MONAILABEL),
+        "start_server",
+        "--app", str(APP_DIR),
+        "--studies", str(studies),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--log_config", str(log_config),
+    ]  # fmt: skip
+    for key, value in conf.items():
+        cmd += ["--conf", key, str(value)]
+    with open(log_path, "wb") as log:
+        # Own process group (session), so teardown can stop the server and its children by id.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until_up(proc, url, log_path)
+        yield MonaiLabelServer(url=url, pid=proc.pid, studies=studies, log_path=log_path, tmp_dir=server_tmp)
+    finally:
+        stop_process_group(proc)
