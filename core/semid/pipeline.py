@@ -266,13 +266,6 @@ MIN_NETWORK_AGREEMENT = 0.6
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_identity_network():  # noqa: ANN202 - torch stays out of this module's import
-    from semid.identity.network import IdentityNetwork
-
-    return IdentityNetwork.load()
-
-
-@functools.lru_cache(maxsize=1)
 def _cached_reid():  # noqa: ANN202
     from semid.identity.saliency import load_reid
 
@@ -314,6 +307,9 @@ class Deidentifier:
             says so), "atlas" (the registered atlas only), "auto" (network when its weights are installed).
         saliency: order the region by the re-identification network's occlusion saliency (a few seconds
             more) instead of the atlas score.
+        identity_weights: the identity network's weights file (e.g. a model retrained from reviewed labels
+            and published by the MONAI Label app); None: the committed ones. Loaded once per file version
+            (``semid.identity.network.load_cached``); the record names the file's sha256.
     """
 
     level: float | str = "high"
@@ -322,6 +318,7 @@ class Deidentifier:
     fill: Fill = field(default_factory=SurfaceFill)
     identity: str = "auto"
     saliency: bool = False
+    identity_weights: Path | str | None = None
 
     def __post_init__(self) -> None:
         self.level = parse_level(self.level)
@@ -480,12 +477,13 @@ class Deidentifier:
                 raise InputError("The identity network needs torch and MONAI: pip install 'semid[server]'.") from exc
             return None, None, {"identity_source": "atlas-registration (torch/MONAI not installed)"}
 
-        if not idnet.DEFAULT_WEIGHTS.exists():
+        if self.identity_weights is None and not idnet.DEFAULT_WEIGHTS.exists():
             if self.identity == "network":
                 raise InputError("The identity network's weights are missing: train them with "
                                  "`semid train identity`, or use identity='atlas'.")
             return None, None, {"identity_source": "atlas-registration (no identity network installed)"}
-        net = _cached_identity_network()
+        # weights named explicitly must be there: a missing file is an error, not a silent fallback
+        net = idnet.load_cached(self.identity_weights)
         prob = sitk.GetArrayFromImage(net.predict(image, modality))[sl]  # a copy: the image is a temporary
         # holes (sinus air, a dark orbit the network is unsure of) join the region: an unblocked island
         # inside a blocked face would keep a piece of the original in place

@@ -6,15 +6,21 @@ Files that cannot be processed (not DICOM, truncated or corrupt, DICOMDIR indexe
 transfer syntax that cannot be decoded here when it must be, series with mixed geometry) are put on
 the report's quarantine list with the reason, never copied to OUT_DIR; the run goes on. The input
 tree is never modified; every output file is written under a temporary name and renamed.
+
+`deidentify_series` does the same for one series whose volume was de-identified elsewhere (e.g. by the
+MONAI Label app): the headers by the profile, the pixels from the given volume (`stored_pixels`,
+`set_pixels` and the slice helpers are shared with the tree run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,22 +225,15 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
 
     headers = [m.dataset if m.dataset is not None else pydicom.dcmread(m.path, stop_before_pixels=True)
                for m in members]
-    if not all("ImagePositionPatient" in h and "ImageOrientationPatient" in h for h in headers):
+    if not has_slice_geometry(headers):
         return None  # no geometry to stack slices by: header-only processing
-
-    def rounded(values) -> tuple:
-        return tuple(round(float(v), 4) for v in values or [])
-
-    geometry = {(h.get("Rows"), h.get("Columns"), rounded(h.get("ImageOrientationPatient")),
-                 rounded(h.get("PixelSpacing"))) for h in headers}
-    if len(geometry) != 1 or any(int(h.get("NumberOfFrames", 1) or 1) != 1 for h in headers):
+    if not is_uniform_series(headers):
         for m in members:
             report.quarantined.append({"file": m.rel, "reason": "series with mixed geometry (sizes, orientations "
                                                                 "or spacings differ between slices)"})
         return {}
     # slices in order along the slice normal (GDCM's own sorter rescans the whole folder per series)
-    normal = np.cross(*np.array(headers[0].ImageOrientationPatient, float).reshape(2, 3))
-    order = np.argsort([float(np.dot(normal, np.array(h.ImagePositionPatient, float))) for h in headers])
+    order = slice_order(headers)
     files = [str(members[i].path) for i in order]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -251,17 +250,79 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
         report.image_series_kept += 1
         return None  # not a head with a face: the header is cleaned, the pixels are kept
     report.image_series_deidentified += 1
-    values = sitk.GetArrayViewFromImage(result.image)
-    out: dict[Path, np.ndarray] = {}
-    for k, file in enumerate(files):
-        ds = pydicom.dcmread(file, stop_before_pixels=True)
+    stored = stored_pixels([headers[i] for i in order], sitk.GetArrayViewFromImage(result.image))
+    return {Path(file): values for file, values in zip(files, stored, strict=True)}
+
+
+# ------------------------------------------------------------------ series helpers (public, reused)
+
+
+def has_slice_geometry(headers: Sequence[pydicom.Dataset]) -> bool:
+    """Whether every header says where its slice lies (Image Position and Orientation (Patient))."""
+    return all("ImagePositionPatient" in h and "ImageOrientationPatient" in h for h in headers)
+
+
+def is_uniform_series(headers: Sequence[pydicom.Dataset]) -> bool:
+    """Whether the slices share rows, columns, orientation and pixel spacing and are single-frame, i.e.
+    whether they stack into one volume."""
+
+    def rounded(values) -> tuple:
+        return tuple(round(float(v), 4) for v in values or [])
+
+    geometry = {(h.get("Rows"), h.get("Columns"), rounded(h.get("ImageOrientationPatient")),
+                 rounded(h.get("PixelSpacing"))) for h in headers}
+    return len(geometry) == 1 and all(int(h.get("NumberOfFrames", 1) or 1) == 1 for h in headers)
+
+
+def slice_order(headers: Sequence[pydicom.Dataset]) -> list[int]:
+    """Indices of ``headers`` sorted by slice position along the slice normal (row x column cosines),
+    the order in which ITK stacks a series; needs `has_slice_geometry`."""
+    normal = np.cross(*np.array(headers[0].ImageOrientationPatient, float).reshape(2, 3))
+    return [int(i) for i in np.argsort([float(np.dot(normal, np.array(h.ImagePositionPatient, float)))
+                                        for h in headers], kind="stable")]
+
+
+def stored_pixels(headers: Sequence[pydicom.Dataset], values: np.ndarray) -> list[np.ndarray]:
+    """Stored pixel values for each slice of a volume, from its modality values (e.g. HU).
+
+    Args:
+        headers: the slices' headers in stacking order (``len(headers) == values.shape[0]``).
+        values: the volume as (slices, rows, columns) in the modality's units, i.e. what ITK reads
+            with RescaleSlope/RescaleIntercept applied.
+
+    Returns:
+        One (rows, columns) array per slice in the slice's own pixel type (BitsAllocated,
+        PixelRepresentation), little endian, after undoing its rescale; values out of range are clipped.
+    """
+    out = []
+    for k, ds in enumerate(headers):
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         dtype = np.dtype(("<i" if int(ds.PixelRepresentation) else "<u") + str(int(ds.BitsAllocated) // 8))
-        stored = np.rint((values[k].astype(np.float64) - intercept) / slope)
+        stored = np.rint((np.asarray(values[k], dtype=np.float64) - intercept) / slope)
         info = np.iinfo(dtype)
-        out[Path(file)] = np.clip(stored, info.min, info.max).astype(dtype)
+        out.append(np.clip(stored, info.min, info.max).astype(dtype))
     return out
+
+
+def set_pixels(ds: pydicom.Dataset, pixels: np.ndarray) -> None:
+    """Replace a single-frame dataset's pixel data with ``pixels`` (its stored pixel type, little endian).
+
+    A source in a compressed or big-endian transfer syntax is rewritten as Explicit VR Little Endian,
+    since the new pixels are stored uncompressed.
+    """
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if meta is None:
+            ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+    if "PixelData" in ds:
+        del ds["PixelData"]  # an encapsulated (compressed) element would keep its undefined length
+    ds.add_new(0x7FE00010, "OW" if pixels.dtype.itemsize > 1 else "OB", np.ascontiguousarray(pixels).tobytes())
 
 
 def _one_file(inst: _Instance, out_dir: Path, staging: Path, profile: Profile,
@@ -279,7 +340,7 @@ def _one_file(inst: _Instance, out_dir: Path, staging: Path, profile: Profile,
     ctx = profile.context_for(ds)
     clean_pixels = False
     if pixels is not None and inst.path in pixels:
-        ds.PixelData = pixels[inst.path].tobytes()
+        set_pixels(ds, pixels[inst.path])
         clean_pixels = True
     elif ocr and "PixelData" in ds and (inst.modality in OCR_MODALITIES
                                         or str(ds.get("BurnedInAnnotation", "")).upper() == "YES"):
@@ -299,12 +360,21 @@ def _one_file(inst: _Instance, out_dir: Path, staging: Path, profile: Profile,
 
 def _check_pixel_length(ds: pydicom.Dataset) -> None:
     """Uncompressed pixel data must hold the whole image; a shorter one is a truncated file."""
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        return
+    if not pixel_data_complete(ds):
+        raise _Quarantine("truncated or corrupt DICOM (pixel data shorter than the image)")
+
+
+def pixel_data_complete(ds: pydicom.Dataset) -> bool:
+    """False when uncompressed pixel data is shorter than Rows x Columns x samples x frames x bytes (a
+    truncated or damaged instance; readers such as GDCM may pad it silently); True otherwise, also when
+    there are no pixels or they are compressed (their length says nothing)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if "PixelData" not in ds or (syntax is not None and syntax.is_compressed):
+        return True
     expected = (int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1))
                 * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("BitsAllocated", 16)) // 8)
-    if len(ds.PixelData) < expected:
-        raise _Quarantine("truncated or corrupt DICOM (pixel data shorter than the image)")
+    return len(ds.PixelData) >= expected
 
 
 def _blank_text(ds: pydicom.Dataset, identifiers: tuple[str, ...], report: Report) -> bool:
@@ -326,6 +396,167 @@ def _add_method(ds: pydicom.Dataset, option: str) -> None:
     item = pydicom.Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, "DCM", meaning
     ds.DeidentificationMethodCodeSequence.append(item)
+
+
+@dataclass(frozen=True)
+class SeriesOutput:
+    """A de-identified series written by `deidentify_series`: where, and its new identifiers (no PHI)."""
+
+    folder: Path
+    study_uid: str
+    series_uid: str
+    instances: int
+    patient: str  # the pseudonymous Patient ID
+
+
+#: How far a volume may sit from its source slices and still be theirs: millimetres (positions,
+#: spacings) and direction cosines. A float32 NIfTI round trip stays far inside both.
+_MM_TOL = 1e-2
+_COS_TOL = 1e-3
+
+
+def deidentify_series(source_dir: str | Path, volume, out_dir: str | Path, *, key: ps.Key | None = None,
+                      options: Options | None = None) -> SeriesOutput:
+    """Write the de-identified DICOM series of one source series whose volume is already de-identified.
+
+    The headers are the source's, cleaned by the PS3.15 profile (`Profile`, keyed pseudonyms: the
+    pseudonymous patient, study and frame of reference are those `deidentify_tree` gives with the same
+    key); the pixels are ``volume``'s, put into each source slice by its position, in the slice's own
+    stored pixel type and rescale. Series and SOP Instance UIDs are keyed on the de-identified pixels
+    too: the same result stored twice is the same series, a different one (another level, another
+    model) is a different series and never shadows the first in a PACS.
+
+    Args:
+        source_dir: a folder with the instances of one single-frame CT/MR series (read, never modified).
+        volume: a SimpleITK image of that series after de-identification, same geometry (size, spacing,
+            origin, direction; LPS mm) as the stacked source slices, in modality units (e.g. HU).
+        out_dir: the folder to create (must not exist, or be empty); written under a temporary name and
+            renamed when complete.
+
+    Raises:
+        InputError: a source file is not readable DICOM, the folder is not one volume series, or the
+            volume's geometry is not the series'.
+    """
+    import SimpleITK as sitk
+
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if key is None:
+        key, _ = ps.load_key()
+    files = sorted(p for p in source_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InputError("The source series folder holds no files: download the series again.")
+    headers = [_read_header(path) for path in files]
+    if len({str(h.get("SeriesInstanceUID", "")) for h in headers}) != 1:
+        raise InputError("The source folder must hold the instances of exactly one series: give one series.")
+    if not (all("PixelData" in h for h in headers) and has_slice_geometry(headers) and is_uniform_series(headers)):
+        raise InputError("The source series is not one volume (slices without pixels or position, or with mixed "
+                         "sizes, orientations or spacings), so it cannot carry a de-identified volume.")
+    order = slice_order(headers)
+    files, headers = [files[i] for i in order], [headers[i] for i in order]
+    slots = _volume_slices(headers, volume)
+    values = sitk.GetArrayViewFromImage(volume)
+    stored = stored_pixels(headers, np.stack([values[k] for k in slots]))
+    digest = hashlib.sha256()
+    for pixels in stored:
+        digest.update(pixels.tobytes())
+    salt = digest.hexdigest()[:32]
+
+    profile = Profile(key, options or Options())
+    datasets = []
+    for path, pixels in zip(files, stored, strict=True):
+        try:
+            ds = pydicom.dcmread(path)
+            _check_pixel_length(ds)
+        except Exception:  # noqa: BLE001 - any parse failure (or short pixel data) is a damaged file
+            raise InputError(_DAMAGED) from None
+        ctx = profile.context_for(ds)
+        set_pixels(ds, pixels)
+        profile.apply(ds, ctx)
+        _add_method(ds, "clean_pixel_data")
+        datasets.append(ds)
+    # the profile's keyed UIDs for this series and its instances, moved once more by the pixel digest;
+    # references between the instances follow
+    renamed = {uid: ps.remap_uid(key, f"{uid}/{salt}")
+               for uid in {str(ds.SeriesInstanceUID) for ds in datasets} | {str(ds.SOPInstanceUID) for ds in datasets}}
+    for ds in datasets:
+        _rename_uids(ds, renamed)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+    if out_dir.exists():
+        if not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise InputError("The output series folder exists and is not empty: choose a new folder.")
+        out_dir.rmdir()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".semid-", dir=out_dir.parent))
+    try:
+        for k, ds in enumerate(datasets):
+            ds.save_as(staging / f"IM{k + 1:05d}.dcm", write_like_original=False)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    first = datasets[0]
+    return SeriesOutput(out_dir, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), len(datasets),
+                        str(first.get("PatientID", "")))
+
+
+_DAMAGED = ("An instance of the series is not readable DICOM (damaged or truncated): repair or remove it in "
+            "the archive and try again.")
+
+
+def _read_header(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=False, defer_size=1024)
+    except Exception:  # noqa: BLE001 - any parse failure is a damaged file
+        raise InputError(_DAMAGED) from None
+
+
+def _volume_slices(headers: Sequence[pydicom.Dataset], volume) -> list[int]:
+    """For each source slice (stacking order), the index of the volume slice at its position.
+
+    Raises InputError unless the volume has the slices' size, in-plane spacing and orientation and
+    every slice position falls on one of its slices.
+    """
+    first = headers[0]
+    rows, columns = int(first.Rows), int(first.Columns)
+    size = volume.GetSize()
+    mismatch = InputError("The de-identified volume does not match the source series' geometry (size, spacing, "
+                          "origin or orientation): de-identify the volume read from this series.")
+    if volume.GetDimension() != 3 or tuple(size) != (columns, rows, len(headers)):
+        raise mismatch
+    row_cos, col_cos = np.array(first.ImageOrientationPatient, float).reshape(2, 3)
+    direction = np.array(volume.GetDirection()).reshape(3, 3)
+    spacing = volume.GetSpacing()
+    pixel_spacing = [float(v) for v in first.PixelSpacing]  # (between rows, between columns)
+    if (not np.allclose(direction[:, 0], row_cos, atol=_COS_TOL) or not np.allclose(direction[:, 1], col_cos,
+                                                                                     atol=_COS_TOL)
+            or not np.allclose(spacing[:2], pixel_spacing[::-1], atol=_MM_TOL)):
+        raise mismatch
+    slots = []
+    for ds in headers:
+        i, j, k = volume.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
+        slot = int(round(k))
+        if (abs(i) * spacing[0] > _MM_TOL or abs(j) * spacing[1] > _MM_TOL or abs(k - slot) * spacing[2] > _MM_TOL
+                or not 0 <= slot < size[2]):
+            raise mismatch
+        slots.append(slot)
+    if len(set(slots)) != len(slots):
+        raise mismatch
+    return slots
+
+
+def _rename_uids(ds: pydicom.Dataset, renamed: dict[str, str]) -> None:
+    """Replace every UI value found in ``renamed``, in ``ds`` and its sequences."""
+
+    def visit(dataset: pydicom.Dataset, elem) -> None:
+        if elem.VR != "UI" or elem.value in (None, ""):
+            return
+        if getattr(elem.value, "is_multi", False) or isinstance(elem.value, (list, tuple)):
+            elem.value = [renamed.get(str(v), str(v)) for v in elem.value]
+        else:
+            elem.value = renamed.get(str(elem.value), elem.value)
+
+    ds.walk(visit)
 
 
 def write_report(report: Report, path: Path) -> None:

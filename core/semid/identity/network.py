@@ -51,10 +51,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import itertools
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -288,6 +290,7 @@ class IdentityNetwork:
         self.net = net.to(self.device).eval()
         self.meta = meta
         self.path = path
+        self.sha256: str | None = None  # of the loaded file (set by ``load``)
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str | torch.device | None = None) -> IdentityNetwork:
@@ -301,22 +304,32 @@ class IdentityNetwork:
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise InputError(f"The identity network's weights {path.name} are missing: run `semid train identity`.")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        # read once: the hash in the record is then the hash of exactly the bytes that were loaded, even
+        # when a new model is published over the file meanwhile
+        data = path.read_bytes()
+        try:
+            blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:  # any unreadable file gets the same one-sentence answer
+            blob = None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("name") != NAME:
             raise InputError(f"{path.name} is not an identity-network weights file (format {FORMAT}).")
         net = _build(blob["arch"])
         net.load_state_dict(blob["state_dict"])
-        return cls(net, {k: v for k, v in blob.items() if k != "state_dict"}, device, path)
+        model = cls(net, {k: v for k, v in blob.items() if k != "state_dict"}, device, path)
+        model.sha256 = hashlib.sha256(data).hexdigest()
+        return model
 
     def describe(self) -> dict[str, Any]:
         """What the pipeline's record says about this model: name, file, sha256, training data and metrics."""
         training = self.meta.get("training", {})
         return {"name": NAME, "file": self.path.name if self.path else None,
-                "sha256": sha256(self.path) if self.path else None,
+                "sha256": self.sha256 or (sha256(self.path) if self.path else None),
                 "spacing_mm": self.meta.get("spacing_mm", SPACING_MM),
                 "training_data": training.get("data"), "steps": training.get("steps"),
                 "heldout_dice": training.get("heldout", {}).get("dice"),
-                "command": training.get("command")}
+                "command": training.get("command"),
+                # set on weights fine-tuned from reviewed labels (semid.identity.finetune)
+                "finetuned": self.meta.get("finetuned")}
 
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         """Probability (float32, same shape) of the identity region for a ``prepare``-d (z, y, x) array."""
@@ -353,6 +366,37 @@ class IdentityNetwork:
         prob = sitk.GetImageFromArray(self.predict_array(x))
         prob.CopyInformation(grid)
         return to_input_grid(prob, image)
+
+
+_LOADED: dict[str, tuple[tuple[int, int, int], IdentityNetwork]] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def load_cached(path: Path | str | None = None) -> IdentityNetwork:
+    """``IdentityNetwork.load(path)`` (default: the committed weights), loaded once per file version.
+
+    The file's (inode, mtime, size) is part of the cache key, so weights replaced on disk (a retrained
+    model published by renaming a new file over the old one) are loaded at the next call, while an
+    unchanged file is not read again. One network per path is kept.
+
+    Raises:
+        InputError: the file is missing or is not identity-network weights.
+    """
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    try:
+        st = path.stat()
+    except OSError:
+        raise InputError(
+            f"The identity network's weights {path.name} are missing: run `semid train identity`.") from None
+    version = (st.st_ino, st.st_mtime_ns, st.st_size)
+    key = str(path.resolve())
+    with _LOADED_LOCK:  # the server may de-identify on several threads
+        hit = _LOADED.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        net = IdentityNetwork.load(path)
+        _LOADED[key] = (version, net)
+        return net
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
