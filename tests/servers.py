@@ -1,5 +1,6 @@
-"""Real servers for the tests: `monailabel start_server` with the SemID app, started on a free loopback
-port in its own process group and stopped by that group's id (never by name)."""
+"""Real servers for the tests: `monailabel start_server` with the SemID app, and Orthanc with its DICOMweb
+plugin, each started on a free loopback port in its own process group and stopped by that group's id
+(never by name)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,8 @@ def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path) -> None:
 
 @contextmanager
 def monailabel_server(root: Path, studies: str | Path, conf: dict[str, str] | None = None,
-                      env_extra: dict[str, str] | None = None) -> Iterator[MonaiLabelServer]:
+                      env_extra: dict[str, str] | None = None, host: str | None = "127.0.0.1"
+                      ) -> Iterator[MonaiLabelServer]:
     """Start `monailabel start_server` (SemID app, CPU, loopback) under `root`; stop it on exit.
 
     `studies` is a local folder or a DICOMweb URL; `conf` adds `--conf KEY VALUE` pairs (default
@@ -134,16 +136,20 @@ def monailabel_server(root: Path, studies: str | Path, conf: dict[str, str] | No
     # task raises; a private TMPDIR keeps those inside this server's temporary folder.
     env["TMPDIR"] = str(server_tmp)
     env.update(env_extra or {})
-    conf = {"models": "deidentify"} if conf is None else conf
+    conf = {"models": "deidentify"} if conf is None else dict(conf)
+    # Weights trained during a test are published here, not into the repository's monailabel_app/model,
+    # and weights published there by hand never change what a test server infers with.
+    conf.setdefault("model_dir", str(root / "model"))
     cmd = [
         str(MONAILABEL),
         "start_server",
         "--app", str(APP_DIR),
         "--studies", str(studies),
-        "--host", "127.0.0.1",
         "--port", str(port),
         "--log_config", str(log_config),
     ]  # fmt: skip
+    if host is not None:  # None: MONAI Label's default, which the SemID app refuses
+        cmd += ["--host", host]
     for key, value in conf.items():
         cmd += ["--conf", key, str(value)]
     with open(log_path, "wb") as log:
@@ -155,5 +161,99 @@ def monailabel_server(root: Path, studies: str | Path, conf: dict[str, str] | No
     try:
         wait_until_up(proc, url, log_path)
         yield MonaiLabelServer(url=url, pid=proc.pid, studies=studies, log_path=log_path, tmp_dir=server_tmp)
+    finally:
+        stop_process_group(proc)
+
+
+# ------------------------------------------------------------------------------------------ Orthanc
+
+#: Debian's Orthanc (package `orthanc`) and its DICOMweb plugin (package `orthanc-dicomweb`).
+ORTHANC = Path("/usr/sbin/Orthanc")
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class OrthancServer:
+    """A running Orthanc with the DICOMweb plugin, HTTP on a loopback port, storage in a temporary folder."""
+
+    url: str  # REST API root, e.g. http://127.0.0.1:PORT, no trailing slash
+    dicomweb_url: str  # e.g. http://127.0.0.1:PORT/dicom-web
+    pid: int  # leader of its own process group
+    storage_dir: Path  # storage area and SQLite index
+    log_path: Path
+    process: subprocess.Popen = field(repr=False, compare=False)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return tail(self.log_path, chars)
+
+    def stop(self) -> None:
+        """Stop it now (by process group id); stopping again is a no-op."""
+        stop_process_group(self.process)
+
+
+def orthanc_missing() -> str | None:
+    """Why the Orthanc tests cannot run here (a sentence), or None when Orthanc and its plugin are installed."""
+    if not ORTHANC.is_file():
+        return f"Orthanc is not installed ({ORTHANC}): apt-get install orthanc orthanc-dicomweb"
+    if not ORTHANC_DICOMWEB_PLUGIN.exists():
+        return f"Orthanc's DICOMweb plugin is missing ({ORTHANC_DICOMWEB_PLUGIN}): apt-get install orthanc-dicomweb"
+    return None
+
+
+@contextmanager
+def orthanc_server(root: Path, config_extra: dict | None = None) -> Iterator[OrthancServer]:
+    """Start Orthanc under `root` (config, storage, log) on a free loopback port; stop it on exit.
+
+    The DICOM (DIMSE) server is off, remote access is off (Orthanc 1.10 has no bind address: it listens
+    on every interface but refuses clients that are not on this machine), no authentication, the
+    DICOMweb plugin at /dicom-web/; `config_extra` adds or replaces configuration keys (e.g.
+    authentication). Raises RuntimeError with the log tail when it does not come up.
+    """
+    import requests
+
+    root.mkdir(parents=True, exist_ok=True)
+    storage = root / "storage"
+    storage.mkdir(exist_ok=True)
+    port = free_loopback_port()
+    config = {
+        "Name": "SemID-test",
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "DicomPort": 0,
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **(config_extra or {}),
+    }
+    config_path = root / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log_path = root / "orthanc.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(ORTHANC), str(config_path)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=root, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + ORTHANC_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with code {proc.returncode} while starting; log:\n"
+                                   + tail(log_path, 6000))
+            try:
+                if requests.get(f"{url}/system", timeout=5).status_code in (200, 401):  # 401: it asks for a user
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not answer /system within {ORTHANC_START_TIMEOUT_S:.0f} s; log:\n"
+                                   + tail(log_path, 6000))
+            time.sleep(0.2)
+        yield OrthancServer(url=url, dicomweb_url=f"{url}/dicom-web", pid=proc.pid, storage_dir=storage,
+                            log_path=log_path, process=proc)
     finally:
         stop_process_group(proc)

@@ -25,7 +25,7 @@ class DeidentifyConfig(TaskConfig):
 
     def infer(self) -> dict[str, InferTask]:
         """The `deidentify` infer task (named after this config)."""
-        return {self.name: DeidentifyInfer(default_level=self.default_level)}
+        return {self.name: DeidentifyInfer(default_level=self.default_level, model_dir=self.model_dir)}
 
     def trainer(self) -> TrainTask | None:
         """No trainer yet."""

@@ -21,9 +21,10 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.deidentifiers import make_deidentifier
 from semid.errors import InputError
 from semid.io import read_volume, write_volume
-from semid.pipeline import LEVEL_PRESETS, Deidentifier, make_fill, parse_level
+from semid.pipeline import LEVEL_PRESETS, parse_level
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,13 @@ INPUT_ERROR_STATUS = 422
 class DeidentifyInfer(InferTask):
     """Block the face and ears at the requested privacy level and fill the blocked region."""
 
-    def __init__(self, default_level: str | float = DEFAULT_LEVEL) -> None:
+    def __init__(self, default_level: str | float = DEFAULT_LEVEL, model_dir: str | None = None) -> None:
         # Fail at server start, not at the first request, when the configured default is bad.
         parse_level(default_level)
         self.default_level = default_level
+        # the app's model folder: identity weights published there by the `identity` train task are used
+        # (and reloaded when the file changes), else the library's own
+        self.model_dir = model_dir
         super().__init__(
             type=InferType.OTHERS,
             labels=None,
@@ -77,7 +81,7 @@ class DeidentifyInfer(InferTask):
         try:
             level = parse_level(request.get("level", self.default_level))
             image = read_volume(image_path)
-            result = Deidentifier(level=level, fill=make_fill("auto")).run(image)
+            result = make_deidentifier(level, self.model_dir).run(image)
         except InputError as error:
             raise HTTPException(status_code=INPUT_ERROR_STATUS, detail=str(error)) from None
 

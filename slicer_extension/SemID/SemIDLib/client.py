@@ -31,7 +31,7 @@ from .levels import format_level
 DEFAULT_TASK = "deidentify"
 # socket.timeout became an alias of TimeoutError only in Python 3.10; Slicer <= 5.6 runs Python 3.9.
 _TIMEOUTS = (socket.timeout, TimeoutError)
-START_HINT = "start it with `monailabel start_server --app monailabel_app --studies DATA_FOLDER`"
+START_HINT = "start it with `monailabel start_server --app monailabel_app --studies DATA_FOLDER --host 127.0.0.1`"
 
 
 class SemIDClientError(Exception):
