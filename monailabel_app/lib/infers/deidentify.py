@@ -11,10 +11,7 @@ build that fails to import next to the CPU-only torch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -22,8 +19,9 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.deidentifiers import make_deidentifier
+from lib.infers.common import INPUT_ERROR_STATUS, request_image_path, write_result
 from semid.errors import InputError
-from semid.io import read_volume, write_volume
+from semid.io import read_volume
 from semid.pipeline import LEVEL_PRESETS, parse_level
 
 logger = logging.getLogger(__name__)
@@ -31,10 +29,6 @@ logger = logging.getLogger(__name__)
 #: Privacy level used when a request names none (DESIGN.md section 4: presets, or any float in [0, 1]).
 DEFAULT_LEVEL = "high"
 
-#: HTTP status for a request the library refuses (bad level, unreadable or non-3D input). MONAI Label
-#: registers no exception handlers, so anything but FastAPI's HTTPException becomes a bare 500
-#: "Internal Server Error"; HTTPException keeps its status and sends {"detail": message}.
-INPUT_ERROR_STATUS = 422
 
 
 class DeidentifyInfer(InferTask):
@@ -70,13 +64,7 @@ class DeidentifyInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Run the de-identifier on `request["image"]`; return (result NIfTI path, record)."""
-        image_path = request.get("image")
-        if not image_path:
-            # MONAI Label's local datastore maps an unknown image id to "" instead of raising.
-            raise HTTPException(
-                status_code=404,
-                detail="There is no image with that id in the datastore: list the images with /datastore/.",
-            )
+        image_path = request_image_path(request)
         started = time.perf_counter()
         try:
             level = parse_level(request.get("level", self.default_level))
@@ -85,14 +73,7 @@ class DeidentifyInfer(InferTask):
         except InputError as error:
             raise HTTPException(status_code=INPUT_ERROR_STATUS, detail=str(error)) from None
 
-        fd, out_path = tempfile.mkstemp(prefix="semid_deid_", suffix=".nii.gz")
-        os.close(fd)
-        try:
-            write_volume(result.image, out_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(out_path)
-            raise
+        out_path = write_result(result.image, "semid_deid_")
         record = dict(result.record)
         # Logged without the input path: file names of clinical data may carry PHI.
         logger.info(

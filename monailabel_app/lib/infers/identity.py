@@ -14,10 +14,7 @@ changes. Like `deidentify`, this subclasses the bare `InferTask` (no torchvision
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +25,14 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.deidentifiers import published_identity_weights
+from lib.infers.common import INPUT_ERROR_STATUS, request_image_path, write_result
 from semid.errors import InputError
-from semid.io import read_volume, write_volume
+from semid.io import read_volume
 
 logger = logging.getLogger(__name__)
 
 #: Label value and name of the identity region in the returned label map.
 IDENTITY_LABELS = {"identity": 1}
-INPUT_ERROR_STATUS = 422
 
 
 class IdentityInfer(InferTask):
@@ -61,12 +58,7 @@ class IdentityInfer(InferTask):
         """Segment ``request["image"]``; return (label map NIfTI path, record)."""
         from semid.identity.network import load_cached
 
-        image_path = request.get("image")
-        if not image_path:
-            raise HTTPException(
-                status_code=404,
-                detail="There is no image with that id in the datastore: list the images with /datastore/.",
-            )
+        image_path = request_image_path(request)
         started = time.perf_counter()
         try:
             image = read_volume(image_path)
@@ -78,14 +70,7 @@ class IdentityInfer(InferTask):
         label = sitk.GetImageFromArray(region)
         label.CopyInformation(image)
 
-        fd, out_path = tempfile.mkstemp(prefix="semid_identity_", suffix=".nii.gz")
-        os.close(fd)
-        try:
-            write_volume(label, out_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(out_path)
-            raise
+        out_path = write_result(label, "semid_identity_")
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         record = {
             "labels": dict(IDENTITY_LABELS),

@@ -16,10 +16,8 @@ Like `deidentify`, it subclasses the bare `InferTask`: `BasicInferTask` pulls in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.deidentifiers import make_deidentifier
-from lib.infers.deidentify import DEFAULT_LEVEL, INPUT_ERROR_STATUS
+from lib.infers.common import INPUT_ERROR_STATUS, NOT_IN_DATASTORE, request_image_path, write_result
+from lib.infers.deidentify import DEFAULT_LEVEL
 from semid.errors import InputError
 from semid.eval.segcheck import (
     CHECKED_CLASSES,
@@ -39,12 +38,11 @@ from semid.eval.segcheck import (
     parse_classes,
     parse_threshold,
 )
-from semid.io import read_volume, write_volume
+from semid.io import read_volume
 from semid.pipeline import parse_level
 
 logger = logging.getLogger(__name__)
 
-_NOT_IN_DATASTORE = "There is no image with that id in the datastore: list the images with /datastore/."
 
 
 def _datastore_image_path(image_id: Any) -> str:
@@ -57,7 +55,7 @@ def _datastore_image_path(image_id: Any) -> str:
 
     path = app_instance().datastore().get_image_uri(image_id)
     if not path or not os.path.exists(path):
-        raise HTTPException(status_code=404, detail=_NOT_IN_DATASTORE)
+        raise HTTPException(status_code=404, detail=NOT_IN_DATASTORE)
     return path
 
 
@@ -96,10 +94,7 @@ class SegcheckInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Check `request["image"]`; return (label map NIfTI path, check JSON)."""
-        image_path = request.get("image")
-        if not image_path:
-            # MONAI Label's local datastore maps an unknown image id to "" instead of raising.
-            raise HTTPException(status_code=404, detail=_NOT_IN_DATASTORE)
+        image_path = request_image_path(request)
         # MONAI Label's app.infer reads save_label from this same dict after the call: a check result
         # is never stored as a label of the image (see the module docstring).
         request["save_label"] = False
@@ -122,14 +117,7 @@ class SegcheckInfer(InferTask):
         except InputError as error:
             raise HTTPException(status_code=INPUT_ERROR_STATUS, detail=str(error)) from None
 
-        fd, out_path = tempfile.mkstemp(prefix="semid_segcheck_", suffix=".nii.gz")
-        os.close(fd)
-        try:
-            write_volume(check.labels, out_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(out_path)
-            raise
+        out_path = write_result(check.labels, "semid_segcheck_")
         summary = check.summary()
         # Logged without the input path: file names of clinical data may carry PHI.
         logger.info(

@@ -28,6 +28,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.deidentifiers import PUBLISHED_IDENTITY_WEIGHTS, published_identity_weights
+from lib.infers.common import INPUT_ERROR_STATUS
 from semid.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 #: Training defaults, published under trainers.identity.config in /info/ (clients may override each).
 DEFAULTS: dict[str, Any] = {"max_steps": 60, "max_epochs": 0, "lr": 1e-3, "batch": 2, "device": "auto",
                             "validation": "auto", "seed": 0}
-INPUT_ERROR_STATUS = 422
 
 
 class IdentityTrain(TrainTask):
