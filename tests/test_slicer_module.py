@@ -105,6 +105,11 @@ def test_ui_file_is_a_slicer_module_panel() -> None:
     assert widgets["levelSlider"] == "ctkSliderWidget"
     assert widgets["outputFolderSelector"] in ("ctkPathLineEdit", "ctkDirectoryButton")
     assert {f"preset{n}Button" for n in ("Off", "Low", "Medium", "High", "Max")} <= set(widgets)
+    # Background request, results and export options of issue 7.
+    assert widgets["progressBar"] == "QProgressBar" and widgets["cancelButton"] == "QPushButton"
+    assert widgets["segcheckCheckBox"] == widgets["addToDatabaseCheckBox"] == "QCheckBox"
+    renders = {f"{who}{view}Label" for who in ("original", "result") for view in ("Frontal", "Lateral")}
+    assert {widgets[name] for name in renders | {"recordLabel", "segcheckLabel"}} == {"QLabel"}
     # Node selectors need the scene: each gets it through a mrmlSceneChanged connection.
     receivers = {c.findtext("receiver") for c in root.iter("connection") if "mrmlSceneChanged" in c.findtext("signal")}
     selectors = {n for n, c in widgets.items() if c == "qMRMLNodeComboBox"}

@@ -22,18 +22,31 @@ import qt
 import slicer
 import vtk
 from SemIDLib import (
+    DONE,
+    KEYS,
+    OUTLINE_SOURCE,
     PRESETS,
     Geometry,
+    InferJob,
+    SegcheckSummary,
     SemIDClient,
     SemIDClientError,
     SeriesExportError,
     ServerInfo,
+    changed_mask,
+    display_window,
     explain_level,
     format_level,
+    format_record,
     parse_level,
     plan_series,
     read_source_attributes,
+    render_pair,
     summarize_record,
+    validate,
+    validate_output_folder,
+    validate_server_url,
+    write_renders,
     write_series,
 )
 from slicer.ScriptedLoadableModule import (
@@ -44,9 +57,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
-SETTINGS_SERVER_URL = "SemID/ServerURL"
 SOURCE_REFERENCE = "SemIDSource"
+POLL_MS = 200
 
 
 class SemID(ScriptedLoadableModule):
@@ -65,10 +77,15 @@ featureless head surface; the brain and every voxel outside the blocked region a
 The work is done by a SemID MONAI Label server (start it with
 <code>monailabel start_server --app monailabel_app --studies DATA_FOLDER --host 127.0.0.1</code>).
 <ul>
-<li>Pick the input volume and the privacy level (off, low, medium, high, max, or any value 0-1).</li>
-<li>De-identify: the result is shown beside the original, with linked slice views.</li>
-<li>Save as DICOM: writes the result as a new series with a pseudonymous patient and no source
-identifiers.</li>
+<li>Pick the input volume and the privacy level (off, low, medium, high, max, or any value 0-1); the
+line under the slider says what the level removes.</li>
+<li>De-identify: runs in the background (Cancel stops it). The result is shown beside the original in
+linked views with the changed region outlined, with frontal and lateral surface renders of both, the
+record (level, blocked volume, residual re-identification risk, models) and, if ticked, the
+segmentation check (Dice per class, pass/fail; the segmentation is shown over the result).</li>
+<li>Save as DICOM: writes the result as a new series with a pseudonymous patient, new UIDs and only the
+patient characteristics of the source header, optionally also into Slicer's DICOM database. The source
+series is never modified.</li>
 </ul>
 """
         self.parent.acknowledgementText = """
@@ -78,7 +95,7 @@ SemID implements the identity-blocking and medical-semantics-compensation approa
 
 
 class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: server, input volume, privacy level, result, DICOM export."""
+    """The module panel: server, input volume, privacy level, background request, results, DICOM export."""
 
     def __init__(self, parent: Any = None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -86,6 +103,9 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: SemIDLogic | None = None
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
+        self._job: InferJob | None = None
+        self._jobDone: Any = None  # called on the main thread with the finished job
+        self._timer: Any = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -101,6 +121,14 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.outputFolderSelector.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.levelSlider.minimum = 0.0
         self.ui.levelSlider.maximum = 1.0
+        self.ui.progressBar.visible = False
+        self.ui.cancelButton.enabled = False
+        self.ui.segcheckLabel.setFont(qt.QFont("Monospace"))
+
+        # The widget polls the background job: Qt objects may only be touched from this thread.
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.timeout.connect(self.onPollJob)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -119,17 +147,23 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "max": self.ui.presetMaxButton,
         }
         for name, button in presetButtons.items():
-            button.setToolTip(f"{name}: {explain_level(PRESETS[name])}")
+            button.setToolTip(f"{name} ({PRESETS[name]:.2f}): {explain_level(PRESETS[name])}")
             # Default argument binds the value now; a plain closure would see the last preset only.
             button.clicked.connect(lambda _checked=False, value=PRESETS[name]: self.setLevel(value))
 
         self.ui.checkServerButton.clicked.connect(self.onCheckServer)
         self.ui.deidentifyButton.clicked.connect(self.onDeidentify)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.saveDicomButton.clicked.connect(self.onSaveDicom)
+        self.ui.saveDefaultLevelButton.clicked.connect(self.onSaveDefaultLevel)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -140,6 +174,8 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        if self._job is not None:
+            self._job.cancel()  # its result would land in a closed scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
@@ -157,7 +193,9 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode: Any) -> None:
         if inputParameterNode:
-            self.logic.setDefaultParameters(inputParameterNode)
+            problems = self.logic.setDefaultParameters(inputParameterNode)
+            if problems:
+                self.showMessage(f"Settings reset to defaults: {problems[0]}", error=True)
         if self._parameterNode is not None:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
@@ -175,17 +213,19 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.serverUrlLineEdit.text = node.GetParameter("ServerURL")
             self.ui.inputVolumeSelector.setCurrentNode(node.GetNodeReference("InputVolume"))
             self.ui.outputVolumeSelector.setCurrentNode(node.GetNodeReference("OutputVolume"))
-            level = float(node.GetParameter("Level") or 0.75)
+            level = float(node.GetParameter("Level") or PRESETS["high"])
             self.ui.levelSlider.value = level
             self.ui.levelExplanationLabel.text = f"{format_level(level)}: {explain_level(level)}"
             self.ui.outputFolderSelector.currentPath = node.GetParameter("OutputFolder")
 
+            busy = self._job is not None
             hasInput = node.GetNodeReference("InputVolume") is not None
             hasUrl = bool(node.GetParameter("ServerURL").strip())
-            self.ui.deidentifyButton.enabled = hasInput and hasUrl
-            self.ui.checkServerButton.enabled = hasUrl
+            self.ui.deidentifyButton.enabled = hasInput and hasUrl and not busy
+            self.ui.checkServerButton.enabled = hasUrl and not busy
+            self.ui.cancelButton.enabled = busy
             hasOutput = node.GetNodeReference("OutputVolume") is not None
-            self.ui.saveDicomButton.enabled = hasOutput and bool(node.GetParameter("OutputFolder"))
+            self.ui.saveDicomButton.enabled = hasOutput and bool(node.GetParameter("OutputFolder")) and not busy
         finally:
             self._updatingGUIFromParameterNode = False
 
@@ -197,11 +237,21 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             url = self.ui.serverUrlLineEdit.text.strip()
             node.SetParameter("ServerURL", url)
-            qt.QSettings().setValue(SETTINGS_SERVER_URL, url)
+            folder = self.ui.outputFolderSelector.currentPath
             node.SetNodeReferenceID("InputVolume", self.ui.inputVolumeSelector.currentNodeID)
             node.SetNodeReferenceID("OutputVolume", self.ui.outputVolumeSelector.currentNodeID)
             node.SetParameter("Level", f"{self.ui.levelSlider.value:.4f}")
-            node.SetParameter("OutputFolder", self.ui.outputFolderSelector.currentPath)
+            node.SetParameter("OutputFolder", folder)
+            # Kept in Slicer's settings only when valid, so a typo never sticks across sessions.
+            settings = qt.QSettings()
+            try:
+                settings.setValue(KEYS["server_url"], validate_server_url(url))
+            except ValueError:
+                pass
+            try:
+                settings.setValue(KEYS["output_folder"], validate_output_folder(folder))
+            except ValueError:
+                pass
         finally:
             node.EndModify(wasModified)
 
@@ -209,66 +259,148 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Move the slider to a preset; the parameter node follows through the slider's signal."""
         self.ui.levelSlider.value = level
 
-    # -- actions ----------------------------------------------------------------------------------
-    def setStatus(self, text: str) -> None:
+    def onSaveDefaultLevel(self) -> None:
+        level = float(self.ui.levelSlider.value)
+        qt.QSettings().setValue(KEYS["level"], f"{level:.4f}")
+        self.showMessage(f"Default privacy level set to {format_level(level)}.")
+
+    # -- messages ---------------------------------------------------------------------------------
+    def showMessage(self, text: str, error: bool = False) -> None:
+        """A line in the panel; errors in red. Never a dialog with a traceback."""
         self.ui.statusLabel.text = text
-        slicer.app.processEvents()
+        self.ui.statusLabel.setStyleSheet("color: #c0392b;" if error else "")
 
-    def reportError(self, message: str) -> None:
-        """An error the user can act on: one sentence in the status line and a message box."""
-        self.setStatus(message)
-        slicer.util.errorDisplay(message, windowTitle="SemID")
-
-    def _run(self, busyText: str, action: Any) -> Any:
-        """Run `action` with a busy cursor; user errors become one sentence, never a traceback."""
-        self.setStatus(busyText)
-        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+    def _guard(self, action: Any) -> Any:
+        """Run `action`; user errors become one sentence in the panel, never a traceback dialog."""
         try:
             return action()
         except (SemIDClientError, SeriesExportError, ValueError) as exc:
-            message = str(exc)
+            self.showMessage(str(exc), error=True)
         except Exception as exc:
             # Unexpected: keep the traceback for the Python console and the log, show a short line.
             logging.exception("SemID: unexpected failure")
-            message = f"SemID failed unexpectedly ({type(exc).__name__}); see the Python console for details."
-        finally:
-            # Before the message box, or the box would show a busy cursor too.
-            qt.QApplication.restoreOverrideCursor()
-        self.reportError(message)
+            self.showMessage(
+                f"SemID failed unexpectedly ({type(exc).__name__}); see the Python console for details.", error=True
+            )
         return None
 
+    # -- actions ----------------------------------------------------------------------------------
     def onCheckServer(self) -> None:
         self.updateParameterNodeFromGUI()
         url = self._parameterNode.GetParameter("ServerURL")
-        info = self._run(f"Contacting {url}...", lambda: self.logic.checkServer(url))
+        self.showMessage(f"Contacting {url}...")
+        slicer.app.processEvents()
+        info = self._guard(lambda: self.logic.checkServer(url))
         if info is not None:
-            self.setStatus(f"Connected: {info.name or 'MONAI Label'} {info.version}, task '{info.task}' ready.")
+            extra = ", segmentation check available" if "segcheck" in info.models else ""
+            name = info.name or "MONAI Label"
+            self.showMessage(f"Connected: {name} {info.version}, task '{info.task}' ready{extra}.")
 
-    def onDeidentify(self) -> None:
-        self.updateParameterNodeFromGUI()
+    def _startJob(self, task: str, done: Any) -> bool:
         node = self._parameterNode
         inputVolume = node.GetNodeReference("InputVolume")
         level = float(node.GetParameter("Level"))
         url = node.GetParameter("ServerURL")
-        done = self._run(
-            f"De-identifying at {format_level(level)}...",
-            lambda: self.logic.deidentify(inputVolume, url, level),
-        )
-        if done is None:
+        job = self._guard(lambda: self.logic.startJob(inputVolume, url, level, task))
+        if job is None:
+            return False
+        self._job, self._jobDone = job, done
+        self.ui.progressBar.visible = True
+        self.ui.progressBar.setRange(0, 0)
+        self._timer.start()
+        self.updateGUIFromParameterNode()
+        return True
+
+    def onDeidentify(self) -> None:
+        self.updateParameterNodeFromGUI()
+        self.ui.recordLabel.text = ""
+        self.ui.segcheckLabel.text = ""
+        self._startJob("deidentify", self.onDeidentified)
+
+    def onCancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.showMessage("Cancelling...")
+
+    def onPollJob(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
             return
-        outputVolume, record = done
+        progress = job.progress()
+        if progress.fraction is None:
+            self.ui.progressBar.setRange(0, 0)  # busy indicator while the server works
+        else:
+            self.ui.progressBar.setRange(0, 1000)
+            self.ui.progressBar.setValue(int(progress.fraction * 1000))
+        self.showMessage(f"{job.task}: {progress.text()}")
+        if not job.done:
+            return
+        self._timer.stop()
+        self._job, done = None, self._jobDone
+        self.ui.progressBar.visible = False
+        try:
+            if job.progress().phase != DONE:
+                self.showMessage(str(job.error), error=not job.cancelled)
+            else:
+                self._guard(lambda: done(job))
+        finally:
+            self.logic.finishJob(job)
+            self.updateGUIFromParameterNode()
+
+    def onDeidentified(self, job: InferJob) -> None:
+        node = self._parameterNode
+        inputVolume = node.GetNodeReference("InputVolume")
+        level = float(node.GetParameter("Level"))
+        outputVolume = self.logic.loadResult(job, inputVolume, level)
         node.SetNodeReferenceID("OutputVolume", outputVolume.GetID())
         self.logic.showSideBySide(inputVolume, outputVolume)
-        self.setStatus(summarize_record(record, level))
+        record = job.result.record
+        self.ui.recordLabel.text = format_record(record, level)
+        self.showRenders(inputVolume, outputVolume)
+        self.showMessage(summarize_record(record, level) + f" Outlined: {OUTLINE_SOURCE}.")
+        if self.ui.segcheckCheckBox.checked:
+            self._startJob("segcheck", self.onSegchecked)
+
+    def onSegchecked(self, job: InferJob) -> None:
+        outputVolume = self._parameterNode.GetNodeReference("OutputVolume")
+        summary = SegcheckSummary.from_json(job.result.record)
+        self.logic.loadSegmentation(job, outputVolume, summary)
+        self.ui.segcheckLabel.text = summary.table_text()
+        self.ui.segcheckLabel.setStyleSheet("" if summary.passed else "color: #c0392b;")
+        self.showMessage(summary.verdict(), error=not summary.passed)
+
+    def showRenders(self, original: Any, result: Any) -> None:
+        """Frontal and lateral surface renders of both, in the panel's four picture labels."""
+        files = self.logic.renders(original, result)
+        labels = {
+            "original_frontal": self.ui.originalFrontalLabel,
+            "result_frontal": self.ui.resultFrontalLabel,
+            "original_lateral": self.ui.originalLateralLabel,
+            "result_lateral": self.ui.resultLateralLabel,
+        }
+        try:
+            for name, label in labels.items():
+                label.setPixmap(qt.QPixmap(str(files[name])).scaledToWidth(160))
+        finally:
+            # The original's renders show the face: no copy is left on disk once they are on screen.
+            shutil.rmtree(next(iter(files.values())).parent, ignore_errors=True)
 
     def onSaveDicom(self) -> None:
         self.updateParameterNodeFromGUI()
         node = self._parameterNode
         outputVolume = node.GetNodeReference("OutputVolume")
         folder = node.GetParameter("OutputFolder")
-        files = self._run("Writing DICOM series...", lambda: self.logic.exportDicom(outputVolume, folder))
-        if files:
-            self.setStatus(f"Saved {len(files)} DICOM files in {files[0].parent}.")
+        self.showMessage("Writing DICOM series...")
+        slicer.app.processEvents()
+        files = self._guard(lambda: self.logic.exportDicom(outputVolume, folder))
+        if not files:
+            return
+        message = f"Saved {len(files)} DICOM files in {files[0].parent}."
+        if self.ui.addToDatabaseCheckBox.checked:
+            if self._guard(lambda: self.logic.addToDatabase(files[0].parent)):
+                message += " Added to Slicer's DICOM database."
+        self.showMessage(message)
 
 
 class SemIDLogic(ScriptedLoadableModuleLogic):
@@ -277,21 +409,28 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
     def __init__(self, timeout: float = 600.0) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.timeout = timeout
+        self._workDirs: dict[int, str] = {}
 
-    def setDefaultParameters(self, parameterNode: Any) -> None:
+    def setDefaultParameters(self, parameterNode: Any) -> list[str]:
+        """Fill unset parameters from Slicer's settings (validated); returns the problems found."""
+        settings = qt.QSettings()
+        stored = {key: settings.value(name) for key, name in KEYS.items()}
+        values, problems = validate({k: (str(v) if v is not None else None) for k, v in stored.items()})
         if not parameterNode.GetParameter("ServerURL"):
-            parameterNode.SetParameter("ServerURL", str(qt.QSettings().value(SETTINGS_SERVER_URL, DEFAULT_SERVER_URL)))
+            parameterNode.SetParameter("ServerURL", values.server_url)
         if not parameterNode.GetParameter("Level"):
-            parameterNode.SetParameter("Level", str(PRESETS["high"]))
+            parameterNode.SetParameter("Level", f"{values.level:.4f}")
         if not parameterNode.GetParameter("OutputFolder"):
-            parameterNode.SetParameter("OutputFolder", str(Path.home() / "SemID"))
+            parameterNode.SetParameter("OutputFolder", values.output_folder)
+        return problems
 
     def checkServer(self, serverUrl: str) -> ServerInfo:
         """Raise a SemIDClientError unless the server runs and has the de-identification task."""
         return SemIDClient(serverUrl, timeout=min(self.timeout, 30.0)).info()
 
-    def deidentify(self, inputVolume: Any, serverUrl: str, level: str | float) -> tuple[Any, dict[str, Any]]:
-        """De-identify `inputVolume` on the server; returns (new volume node, server record)."""
+    # -- background requests ----------------------------------------------------------------------
+    def startJob(self, inputVolume: Any, serverUrl: str, level: str | float, task: str = "deidentify") -> InferJob:
+        """Save `inputVolume` to a private temporary folder and start `task` on it in the background."""
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("Select a volume with image data to de-identify.")
         if inputVolume.GetParentTransformNode() is not None:
@@ -299,43 +438,93 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
             raise ValueError("The volume is under a transform: harden the transform first (Data module).")
         level = parse_level(level)
         client = SemIDClient(serverUrl, timeout=self.timeout)
-        # The temporary input holds the identifiable face: TemporaryDirectory removes it whatever happens.
-        with tempfile.TemporaryDirectory(prefix="semid-slicer-") as workDir:
+        # The temporary input holds the identifiable face: finishJob removes the folder whatever happens.
+        workDir = tempfile.mkdtemp(prefix="semid-slicer-")
+        try:
             inputPath = os.path.join(workDir, "input.nrrd")
             if not slicer.util.saveNode(inputVolume, inputPath, {"useCompression": 0}):
-                raise RuntimeError("Could not write the volume to a temporary file.")
-            result = client.deidentify(inputPath, level)
-            try:
-                name = slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()}_deidentified")
-                outputVolume = slicer.util.loadVolume(
-                    str(result.volume_path), {"name": name, "show": False, "singleFile": True}
-                )
-            finally:
-                shutil.rmtree(result.volume_path.parent, ignore_errors=True)
+                raise ValueError("Could not write the volume to a temporary file: check the free disk space.")
+            job = InferJob(client, task, inputPath, {"level": level}, output_dir=os.path.join(workDir, "out"))
+        except BaseException:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        self._workDirs[id(job)] = workDir
+        return job.start()
+
+    def finishJob(self, job: InferJob) -> None:
+        """Remove the job's temporary input and output (after its result was loaded)."""
+        workDir = self._workDirs.pop(id(job), None)
+        if workDir:
+            shutil.rmtree(workDir, ignore_errors=True)
+
+    def runJob(self, inputVolume: Any, serverUrl: str, level: str | float, task: str = "deidentify") -> InferJob:
+        """Start a job and wait for it (scripts, self tests); raises its error when it fails."""
+        job = self.startJob(inputVolume, serverUrl, level, task)
+        job.wait()
+        if job.progress().phase != DONE:
+            self.finishJob(job)
+            raise job.error
+        return job
+
+    def loadResult(self, job: InferJob, inputVolume: Any, level: float) -> Any:
+        """Load a finished `deidentify` job's volume as a new node beside `inputVolume`."""
+        # A neutral node name: a volume's name may come from DICOM descriptions.
+        name = slicer.mrmlScene.GenerateUniqueName("SemID de-identified")
+        outputVolume = slicer.util.loadVolume(str(job.result.volume_path), {"name": name, "show": False,
+                                                                             "singleFile": True})
         outputVolume.SetAttribute("SemID.level", f"{level:g}")
-        outputVolume.SetAttribute("SemID.record", json.dumps(result.record))
+        outputVolume.SetAttribute("SemID.record", json.dumps(job.result.record))
         outputVolume.SetNodeReferenceID(SOURCE_REFERENCE, inputVolume.GetID())
-        self._copyDisplay(inputVolume, outputVolume)
-        return outputVolume, result.record
+        return outputVolume
 
-    @staticmethod
-    def _copyDisplay(source: Any, target: Any) -> None:
-        """Same window/level and colours on both, so differences seen are in the data, not the display."""
-        sourceDisplay, targetDisplay = source.GetDisplayNode(), target.GetDisplayNode()
-        if sourceDisplay is None or targetDisplay is None:
-            return
-        targetDisplay.SetAndObserveColorNodeID(sourceDisplay.GetColorNodeID())
-        targetDisplay.SetAutoWindowLevel(False)
-        targetDisplay.SetWindowLevel(sourceDisplay.GetWindow(), sourceDisplay.GetLevel())
+    def deidentify(self, inputVolume: Any, serverUrl: str, level: str | float) -> tuple[Any, dict[str, Any]]:
+        """De-identify `inputVolume` on the server and wait; returns (new volume node, server record)."""
+        job = self.runJob(inputVolume, serverUrl, level)
+        try:
+            outputVolume = self.loadResult(job, inputVolume, parse_level(level))
+        finally:
+            self.finishJob(job)
+        return outputVolume, job.result.record
 
-    def showSideBySide(self, original: Any, result: Any, orientation: str = "Sagittal") -> None:
-        """Original in the left view, result in the right, slice positions linked.
+    def loadSegmentation(self, job: InferJob, outputVolume: Any, summary: SegcheckSummary) -> Any:
+        """The `segcheck` label map as a segmentation node over the de-identified volume."""
+        labelNode = slicer.util.loadLabelVolume(str(job.result.volume_path), {"show": False})
+        try:
+            present = sorted(int(v) for v in np.unique(slicer.util.arrayFromVolume(labelNode)) if v)
+            segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SemID segmentation check")
+            segNode.CreateDefaultDisplayNodes()
+            segNode.SetReferenceImageGeometryParameterFromVolumeNode(outputVolume)
+            slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segNode)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelNode)
+        names = {value: name for name, value in summary.labels.items()}
+        segmentation = segNode.GetSegmentation()
+        # Segments are imported in increasing label order.
+        for index, value in enumerate(present[: segmentation.GetNumberOfSegments()]):
+            segmentation.GetNthSegment(index).SetName(names.get(value, f"label {value}"))
+        return segNode
 
-        Sagittal by default: the face profile, which is what the privacy level changes, shows best there.
+    # -- display ----------------------------------------------------------------------------------
+    def showSideBySide(self, original: Any, result: Any, orientation: str = "Sagittal") -> Any:
+        """Original in the left view, result in the right: same slice, window/level and zoom, and the
+        changed region outlined in both. Returns the outline's segmentation node.
+
+        Sagittal by default: the face profile, which the privacy level changes, shows best there.
         """
+        originalArray, _ = self.volumeArrayAndGeometry(original)
+        resultArray, _ = self.volumeArrayAndGeometry(result)
+        window, level = display_window(originalArray)
+        for volume in (original, result):
+            if volume.GetDisplayNode() is None:
+                volume.CreateDefaultDisplayNodes()
+            display = volume.GetDisplayNode()
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevel(window, level)
+        outline = self.outlineNode(result, changed_mask(originalArray, resultArray))
+
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:  # no GUI (e.g. Slicer run with --no-main-window)
-            return
+            return outline
         layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         views = (("Red", original), ("Yellow", result))
         for viewName, volume in views:
@@ -350,7 +539,35 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
         for viewName, _volume in views:
             sliceWidget = layoutManager.sliceWidget(viewName)
             sliceWidget.sliceLogic().FitSliceToAll()
+            # Linked: moving the slice, panning or zooming one view does the same in the other.
             sliceWidget.mrmlSliceCompositeNode().SetLinkedControl(True)
+            sliceWidget.mrmlSliceCompositeNode().SetHotLinkedControl(True)
+        return outline
+
+    @staticmethod
+    def outlineNode(result: Any, mask: np.ndarray) -> Any:
+        """The changed region as a segmentation shown as an outline only, in every slice view."""
+        labelNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            labelNode.CopyOrientation(result)
+            slicer.util.updateVolumeFromArray(labelNode, mask.astype(np.uint8))
+            segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SemID changed region")
+            segNode.CreateDefaultDisplayNodes()
+            segNode.SetReferenceImageGeometryParameterFromVolumeNode(result)
+            slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segNode)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelNode)
+        display = segNode.GetDisplayNode()
+        display.SetVisibility2DFill(False)
+        display.SetVisibility2DOutline(True)
+        return segNode
+
+    def renders(self, original: Any, result: Any) -> dict[str, Path]:
+        """Frontal and lateral surface renders of both volumes as PNG files (a new temporary folder)."""
+        originalArray, geometry = self.volumeArrayAndGeometry(original)
+        resultArray, _ = self.volumeArrayAndGeometry(result)
+        folder = tempfile.mkdtemp(prefix="semid-renders-")
+        return write_renders(render_pair(originalArray, resultArray, geometry), folder)
 
     @staticmethod
     def volumeArrayAndGeometry(volume: Any) -> tuple[np.ndarray, Geometry]:
@@ -373,11 +590,15 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
         return read_source_attributes(path) if path and os.path.exists(path) else {}
 
     def exportDicom(self, resultVolume: Any, folder: str, sourceVolume: Any = None) -> list[Path]:
-        """Write `resultVolume` as a new DICOM series in a new subfolder of `folder`."""
+        """Write `resultVolume` as a new DICOM series in a new subfolder of `folder`.
+
+        The header: a pseudonymous patient, new UIDs, and the allow-listed patient characteristics and
+        acquisition parameters of the source series' header (SemIDLib.series_export); the source files
+        are only read.
+        """
         if resultVolume is None or resultVolume.GetImageData() is None:
             raise ValueError("Select a de-identified volume to save.")
-        if not folder:
-            raise ValueError("Choose an output folder for the DICOM series.")
+        folder = validate_output_folder(folder)
         if resultVolume.GetParentTransformNode() is not None:
             raise ValueError("The volume is under a transform: harden the transform first (Data module).")
         if sourceVolume is None:
@@ -395,12 +616,22 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
         target = Path(folder) / f"SemID-{time.strftime('%Y%m%d-%H%M%S')}-{plan.series_uid[-6:]}"
         return write_series(plan, target)
 
+    @staticmethod
+    def addToDatabase(seriesFolder: Path) -> bool:
+        """Import the written series into Slicer's DICOM database."""
+        if getattr(slicer, "dicomDatabase", None) is None or not slicer.dicomDatabase.isOpen:
+            raise ValueError("Slicer's DICOM database is not open: open the DICOM module once, then save again.")
+        from DICOMLib import DICOMUtils
+
+        DICOMUtils.importDicom(str(seriesFolder))
+        return True
+
 
 class SemIDTest(ScriptedLoadableModuleTest):
-    """Runs the real flow in Slicer against a running SemID server.
+    """Runs the real flow in Slicer against a running SemID server (with the segcheck task).
 
-    Server URL: $SEMID_SERVER_URL (default http://127.0.0.1:8000). Head volume: $SEMID_SAMPLE_HEAD,
-    else Slicer's "MRHead" sample.
+    Server URL: $SEMID_SERVER_URL (default http://127.0.0.1:8000). Head volume: $SEMID_SAMPLE_HEAD
+    (e.g. the project's .data/samples/t1w_small.nii.gz), else Slicer's "MRHead" sample.
     """
 
     def setUp(self) -> None:
@@ -410,7 +641,7 @@ class SemIDTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_unreachable_server_message()
         self.setUp()
-        self.test_deidentify_show_and_export()
+        self.test_deidentify_show_check_and_export()
 
     def _sampleHead(self) -> Any:
         path = os.environ.get("SEMID_SAMPLE_HEAD")
@@ -427,10 +658,10 @@ class SemIDTest(ScriptedLoadableModuleTest):
         self.assertIn("Cannot reach the SemID server", str(caught.exception))
         self.assertNotIn("Traceback", str(caught.exception))
 
-    def test_deidentify_show_and_export(self) -> None:
+    def test_deidentify_show_check_and_export(self) -> None:
         import pydicom
 
-        serverUrl = os.environ.get("SEMID_SERVER_URL", DEFAULT_SERVER_URL)
+        serverUrl = os.environ.get("SEMID_SERVER_URL", "http://127.0.0.1:8000")
         logic = SemIDLogic()
         info = logic.checkServer(serverUrl)
         self.delayDisplay(f"Server ready: {info.name} {info.version}")
@@ -447,9 +678,12 @@ class SemIDTest(ScriptedLoadableModuleTest):
         changed = resultArray != originalArray
         self.assertTrue(changed.any(), "level high changed no voxel")
         self.assertLess(changed.mean(), 0.5, "more than half of the head changed")
+        self.assertIn("Residual re-identification risk", format_record(record))
         self.delayDisplay("De-identified")
 
-        logic.showSideBySide(original, result)
+        outline = logic.showSideBySide(original, result)
+        self.assertGreater(outline.GetSegmentation().GetNumberOfSegments(), 0)
+        self.assertEqual(result.GetDisplayNode().GetWindow(), original.GetDisplayNode().GetWindow())
         layoutManager = slicer.app.layoutManager()
         if layoutManager is not None:
             red = layoutManager.sliceWidget("Red").mrmlSliceCompositeNode()
@@ -457,6 +691,20 @@ class SemIDTest(ScriptedLoadableModuleTest):
             self.assertEqual(red.GetBackgroundVolumeID(), original.GetID())
             self.assertEqual(yellow.GetBackgroundVolumeID(), result.GetID())
             self.assertTrue(red.GetLinkedControl() and yellow.GetLinkedControl())
+        renders = logic.renders(original, result)
+        self.assertEqual(len(renders), 4)
+        self.assertTrue(all(path.is_file() for path in renders.values()))
+
+        if "segcheck" in info.models:
+            job = logic.runJob(original, serverUrl, "high", "segcheck")
+            try:
+                summary = SegcheckSummary.from_json(job.result.record)
+                segNode = logic.loadSegmentation(job, result, summary)
+            finally:
+                logic.finishJob(job)
+            self.assertGreater(segNode.GetSegmentation().GetNumberOfSegments(), 1)
+            self.assertIn("Dice", summary.table_text())
+            self.delayDisplay(summary.verdict())
 
         with tempfile.TemporaryDirectory() as folder:
             files = logic.exportDicom(result, folder)

@@ -57,15 +57,25 @@ def format_level(level: float) -> str:
     return f"{name} ({level:.2f})" if name else f"{level:.2f}"
 
 
+#: What remains visible after each partial preset (what the user weighs against the blocked part).
+_REMAINS = {
+    "low": "the other three quarters stay, so the person may still be recognised",
+    "medium": "the less identifying half stays, so recognition is harder but not ruled out",
+    "high": "only the least identifying quarter stays",
+}
+
+
 def explain_level(level: str | float) -> str:
-    """One line saying what the level removes."""
+    """One line saying what the level removes (and, for partial levels, what stays)."""
     level = parse_level(level)
     if level == 0.0:
-        return "Nothing is blocked: the volume is returned unchanged."
+        return "Nothing is blocked: the volume is returned unchanged, the face stays recognisable."
     if level == 1.0:
         return "Blocks the whole identity region (face, ears, scalp profile) and refills it; the brain is kept."
     # Blocking is ranked by identity, so a partial level removes the most identifying part first.
-    return (
+    line = (
         f"Blocks the most identifying {round(level * 100)} % of the face and ear region "
-        "(nose, eyes and lips first) and refills it; the brain is kept."
+        "(nose, eyes and lips first) and refills it"
     )
+    remains = _REMAINS.get(preset_name(level) or "")
+    return line + (f"; {remains}" if remains else "") + "; the brain is kept."

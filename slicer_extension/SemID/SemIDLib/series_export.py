@@ -32,6 +32,16 @@ from pydicom.valuerep import DSfloat
 
 PSEUDONYM_NAME = "SEMID^ANON"
 DEIDENTIFICATION_METHOD = "SemID: face blocked and refilled; new series, allow-list header"
+#: CID 7050 codes (scheme DCM) of the PS3.15 Annex E profile this header satisfies, as the project's
+#: core profile (`semid.dicom.profile`) records them: the header is built from scratch, so the Basic
+#: Profile's removals and new UIDs hold by construction, and the allow-list below is the Retain Patient
+#: Characteristics option plus Clean Descriptors (no free text is carried at all). The core profile
+#: itself cannot be imported here: this package runs in 3D Slicer's Python, where `semid` is absent.
+PROFILE_CODES = (
+    ("113100", "Basic Application Confidentiality Profile"),
+    ("113105", "Clean Descriptors Option"),
+    ("113108", "Retain Patient Characteristics Option"),
+)
 
 SOP_CLASSES = {
     "MR": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
@@ -241,6 +251,12 @@ def read_source_attributes(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def _code_item(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+    return item
+
+
 def _ds(value: float) -> DSfloat:
     # DS is limited to 16 characters; auto_format rounds to fit rather than failing on write.
     return DSfloat(float(value), auto_format=True)
@@ -389,6 +405,7 @@ def plan_series(
         ds = Dataset()
         for keyword, value in common.items():
             setattr(ds, keyword, value)
+        ds.DeidentificationMethodCodeSequence = [_code_item(value, meaning) for value, meaning in PROFILE_CODES]
         sop_uid = generate_uid()
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = k + 1
