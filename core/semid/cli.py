@@ -1,4 +1,4 @@
-"""The ``semid`` command line: deidentify, deidentify-dicom, render, info, bench, train, data.
+"""The ``semid`` command line: deidentify, deidentify-dicom, batch, render, info, bench, train, data.
 
 Bad input ends with one sentence on stderr and exit code 2; an unexpected failure with one sentence
 and exit code 1 (the traceback only with ``SEMID_DEBUG=1``). Outputs are written to temporary names
@@ -176,6 +176,21 @@ def cmd_deidentify_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from semid.batch import BatchOptions, run_batch
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(f"semid: {message}", file=sys.stderr, flush=True)
+
+    summary = run_batch(BatchOptions(
+        source=args.source, out=args.out, level=args.level, workers=args.workers, scheduler=args.scheduler,
+        retries=args.retries, key_file=args.key_file, options=tuple(args.option or ()), ocr=not args.no_ocr,
+        fill=args.fill, qc_sample=args.qc_sample, report_dir=args.report, work=args.work, quiet=args.quiet), say)
+    print(summary.text())
+    return 3 if summary.failed else 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from semid.data import data_dir, fetch
 
@@ -283,6 +298,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ocr", action="store_true", help="skip the burned-in text check")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_deidentify_dicom)
+
+    p = sub.add_parser("batch", help="de-identify an archive (folder tree or DICOMweb) on Dask, resumably; exit "
+                                     "code 3 when some studies failed (listed at the end and in the manifest)")
+    p.add_argument("source", help="archive folder (DICOM of any layout, NIfTI/NRRD/MHA files) or a DICOMweb URL")
+    p.add_argument("out", help="output folder (holds the manifest semid_manifest.sqlite), or a DICOMweb URL to "
+                               "store into (then give --work)")
+    p.add_argument("--level", default="high", help="privacy level: off, low, medium, high, max or 0..1 (default high)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1)")
+    where.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:PORT) instead")
+    p.add_argument("--retries", type=int, default=2, help="times a failed study is tried again (default 2)")
+    p.add_argument("--key-file", help="secret key for pseudonyms (as in deidentify-dicom)")
+    p.add_argument("--option", action="append", metavar="NAME", help="DICOM profile option (as in deidentify-dicom)")
+    p.add_argument("--no-ocr", action="store_true", help="skip the burned-in text check")
+    p.add_argument("--fill", choices=["auto", "learned", "surface"], default="auto",
+                   help="fill of NIfTI/NRRD/MHA studies (DICOM studies use auto)")
+    p.add_argument("--qc-sample", type=int, default=6, help="studies pictured in the QC report (default 6; 0: none)")
+    p.add_argument("--report", help="QC report folder (default OUT_qc beside OUT; never inside OUT: it shows "
+                                    "original faces)")
+    p.add_argument("--work", help="folder for the manifest and staging when OUT is a DICOMweb URL")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("render", help="frontal and lateral 3D surface render of a volume to PNG")
     p.add_argument("input")

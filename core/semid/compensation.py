@@ -28,6 +28,7 @@ random level ``p`` each step, with three terms:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -544,6 +545,25 @@ class Compensator:
                 **self.semantics.describe()}
 
 
+def load_cached(path: str | Path | None = None, device: str = "auto") -> Compensator:
+    """``Compensator.load`` once per process, weights file version and device: every fill of a process
+    (e.g. a batch worker's, one study after another, or the DICOM tree's one per series) shares one
+    copy of the generator, on the GPU when ``device`` is "auto" and CUDA is available. The file's
+    (inode, mtime, size) is part of the key, so weights replaced on disk are loaded again."""
+    path = Path(path) if path else DEFAULT_WEIGHTS
+    try:
+        st = path.stat()
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = None  # missing: Compensator.load says so in one sentence
+    return _load_cached(str(path), version, str(_device(device)))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, version: tuple | None, device: str) -> Compensator:
+    return Compensator.load(path, device)
+
+
 #: Synthetic identities: tries before giving up, and the critic similarity a synthetic face must stay
 #: below to count as a margin away from the source's (Montenegro et al.: a sampled identity, rejected
 #: if too close to the real one).
@@ -577,7 +597,7 @@ class LearnedFill:
     @property
     def model(self) -> Compensator:
         if self._model is None:
-            self._model = Compensator.load(self.weights, self.device)
+            self._model = load_cached(self.weights, self.device)
         return self._model
 
     def __call__(self, ctx: Any) -> Any:

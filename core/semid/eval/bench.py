@@ -95,7 +95,7 @@ class BenchConfig:
         return cls(methods=tuple(m for m in ALL_METHODS if m != "semid-surface"), levels=(0.0, 0.5, 1.0),
                    n_subjects=10, gallery_yaws=(-20.0, 0.0, 20.0),
                    gallery_pitches=(-10.0, 0.0, 10.0), probe_yaws=(-20.0, 0.0, 20.0), probe_pitches=(0.0,),
-                   adaptive_steps=45, adaptive_subjects=8, adaptive_visits=(1,), report_cases=2, timing_cases=2)
+                   adaptive_steps=45, adaptive_subjects=8, adaptive_visits=(1,), report_cases=2, timing_cases=1)
 
 
 @dataclass
@@ -426,11 +426,6 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], per_case: dic
     esc = html.escape
     cols = _columns(rows)
     parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>SemID benchmark report</title>",
-        "<style>body{font-family:sans-serif;margin:2em;background:#fafafa}table{border-collapse:collapse;"
-        "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}"
-        "img{max-width:100%;border:1px solid #999}section{margin-bottom:2.5em}.note{color:#555}</style></head><body>",
-        "<h1>SemID benchmark report</h1>",
         f"<p class='note'>SemID {esc(str(meta['semid_version']))} · population: {meta['population']['n_subjects']} "
         f"phantom subjects, seed {meta['population']['seed']}, base {esc(meta['population']['base'])}, identity "
         f"scale {meta['population']['identity_scale']}; gallery {esc(meta['population']['gallery'])}, probes "
@@ -461,10 +456,24 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], per_case: dic
             parts.append(f"<h4>{esc(method)}</h4><p class='note'>{esc(text)}</p>"
                          f"<img src='report/{esc(png)}' alt='{esc(subject_id)} {esc(method)}'>")
         parts.append("</section>")
-    parts.append("</body></html>")
+    return write_html_report("SemID benchmark report", parts, path)
+
+
+#: The QC reports' look (the benchmark's and the batch run's: ``semid.batch``).
+REPORT_STYLE = ("<style>body{font-family:sans-serif;margin:2em;background:#fafafa}table{border-collapse:collapse;"
+                "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}"
+                "img{max-width:100%;border:1px solid #999}section{margin-bottom:2.5em}.note{color:#555}</style>")
+
+
+def write_html_report(title: str, body: Sequence[str], path: Path) -> Path:
+    """Write an HTML QC report page atomically: ``title`` as its heading, then the ``body`` fragments
+    (already escaped HTML) in order. Pictures are referenced relative to ``path``'s folder."""
+    esc = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             REPORT_STYLE + "</head><body>", f"<h1>{esc(title)}</h1>", *body, "</body></html>"]
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return Path(path)
 
 
 def summary_text(result: BenchResult) -> str:
@@ -478,4 +487,4 @@ def summary_text(result: BenchResult) -> str:
 
 
 __all__ = ["ALL_METHODS", "BenchConfig", "BenchResult", "format_table", "plot_curves", "run_bench",
-           "summary_text", "write_report"]
+           "summary_text", "write_html_report", "write_report"]
