@@ -3,7 +3,8 @@
 data and renders, the record and segmentation-check text, settings, and the saved series built from a
 source DICOM series carrying canary PHI.
 
-One MONAI Label server (tasks deidentify and segcheck) serves the whole module.
+One MONAI Label server (tasks deidentify, segcheck and dicomheader, pseudonym key from SEMID_KEY)
+serves the whole module.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import requests
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -38,8 +40,11 @@ from SemIDLib import (  # noqa: E402  (the module folder is not a package on sys
     JobCancelledError,
     SegcheckSummary,
     SemIDClient,
+    ServerHeader,
     explain_level,
+    fetch_server_header,
     format_record,
+    header_upload_copy,
     plan_series,
     read_source_attributes,
     record_rows,
@@ -57,6 +62,10 @@ from SemIDLib.jobs import DOWNLOADING, UPLOADING, WORKING  # noqa: E402
 from SemIDLib.views import mask_outline  # noqa: E402
 
 JOB_TIMEOUT_S = 300.0
+#: The server's pseudonym key (SEMID_KEY in its environment): the test computes the profile with it too.
+KEY = "slicer-flow-test-key-0123456789abcdef"
+#: The dicomheader task's upload limit in this module's server (MB); a header is a few KiB.
+HEADER_MAX_MB = 0.25
 CANARIES = [b"CANARY", b"19010101", b"1.2.3.999.424242", b"555-0199"]
 
 
@@ -92,7 +101,8 @@ def flow_server(sample_head: Path, tmp_path_factory: pytest.TempPathFactory):
     studies.mkdir()
     (studies / f"{SAMPLE_IMAGE_ID}.nii.gz").write_bytes(sample_head.read_bytes())
     try:
-        with start_server(root, studies, conf={"models": "deidentify,segcheck"}) as server:
+        conf = {"models": "deidentify,segcheck,dicomheader", "dicomheader_max_mb": str(HEADER_MAX_MB)}
+        with start_server(root, studies, conf=conf, env_extra={"SEMID_KEY": KEY}) as server:
             yield server
     except RuntimeError as error:
         pytest.fail(str(error), pytrace=False)
@@ -358,7 +368,7 @@ def _canary_source_series(array: np.ndarray, folder: Path) -> list[Path]:
 
 
 @pytest.mark.server
-def test_saved_series_has_the_profiles_header_and_leaves_the_source_alone(deid, sample_head, tmp_path) -> None:
+def test_series_without_a_source_header_is_built_from_scratch(deid, sample_head, tmp_path) -> None:
     job, _ = deid
     result = sitk.ReadImage(str(job.result.volume_path))
     array = sitk.GetArrayFromImage(result)
@@ -391,6 +401,141 @@ def test_saved_series_has_the_profiles_header_and_leaves_the_source_alone(deid, 
     assert not source_sops & {ds.SOPInstanceUID for ds in datasets}
     # the source series is never modified
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in source_files} == digests
+
+
+def _profile_answer(upload: Path) -> dict:
+    """What the core profile gives for the uploaded header, locally, with the server's key."""
+    from semid.dicom import pseudonyms as ps
+    from semid.dicom.profile import CID7050, Profile
+
+    ds = pydicom.dcmread(upload)
+    profile = Profile(ps.Key(KEY.encode(), "test"))
+    profile.apply(ds, profile.context_for(ds))
+    code, meaning = CID7050["clean_pixel_data"]
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, "DCM", meaning
+    ds.DeidentificationMethodCodeSequence.append(item)
+    return ds.to_json_dict()
+
+
+@pytest.mark.server
+def test_dicomheader_answer_is_the_core_profiles(flow_server, tmp_path) -> None:
+    from semid.dicom import pseudonyms as ps
+
+    source_files = _canary_source_series(np.zeros((3, 8, 8), np.int16), tmp_path / "source")
+    upload = header_upload_copy(source_files[0], tmp_path / "header.dcm")
+    assert "PixelData" not in pydicom.dcmread(upload) and upload.stat().st_size < 4096
+    client = SemIDClient(flow_server.url, timeout=60)
+    job = InferJob(client, "dicomheader", upload, {}, output="json")
+    _run(job, limit=60)
+    assert job.progress().phase == DONE, job.error
+    answer = job.result.record
+    assert job.result.volume_path is None
+    assert answer["header"] == _profile_answer(upload)
+    text = json.dumps(answer).encode()
+    for canary in CANARIES:
+        assert canary.lower() not in text.lower(), canary
+    assert "7FE00010" not in answer["header"]  # no pixel data
+    key = ps.Key(KEY.encode(), "test")
+    assert answer["patient_id"] == "SEMID-" + ps.pseudonym(key, "patient", "CANARY123")
+    assert answer["study_uid"] == ps.remap_uid(key, "1.2.3.999.424242")
+    assert answer["frame_of_reference_uid"] == ps.remap_uid(key, "1.2.3.999.424242.2")
+    # stable: another instance of the same study gives the same pseudonymous patient and study
+    again = fetch_server_header(client, source_files[2])
+    assert (again.patient_id, again.study_uid) == (answer["patient_id"], answer["study_uid"])
+    assert not list(tmp_path.glob(".*.part"))
+
+
+@pytest.mark.server
+def test_saved_series_has_the_profiles_header_and_leaves_the_source_alone(deid, flow_server, tmp_path) -> None:
+    from semid.dicom import pseudonyms as ps
+
+    job, _ = deid
+    result = sitk.ReadImage(str(job.result.volume_path))
+    array = sitk.GetArrayFromImage(result)
+    source_files = _canary_source_series(array, tmp_path / "source")
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in source_files}
+
+    header = fetch_server_header(SemIDClient(flow_server.url, timeout=60), source_files[0])
+    plan = plan_series(array, _geometry(result), "CT", header=header)  # the header's modality wins
+    assert plan.header_source == "server"
+    files = write_series(plan, tmp_path / "out" / "series")
+    datasets = [pydicom.dcmread(f) for f in files]
+    key = ps.Key(KEY.encode(), "test")
+    source_ds = pydicom.dcmread(source_files[0])
+    for path, ds in zip(files, datasets, strict=True):
+        data = path.read_bytes()
+        for canary in CANARIES:
+            assert canary.lower() not in data.lower(), (path.name, canary)
+        assert ds.Modality == "MR" and ds.SOPClassUID == source_ds.SOPClassUID
+        assert ds.PatientID == "SEMID-" + ps.pseudonym(key, "patient", "CANARY123") == header.patient_id
+        assert ds.PatientIdentityRemoved == "YES"
+        # patient characteristics as the profile keeps them; dates moved, not removed
+        assert (ds.PatientSex, ds.PatientAge) == ("F", "047Y")
+        assert float(ds.PatientWeight) == 61.5 and float(ds.PatientSize) == 1.68
+        assert ds.StudyDate and ds.StudyDate != source_ds.StudyDate
+        codes = [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+        assert "113100" in codes and "113101" in codes and "113108" in codes
+        assert float(ds.RepetitionTime) == 2300.0  # acquisition parameters kept by the profile
+    # one study (the profile's keyed UID), one new series, one frame of reference, new instances
+    for keyword, expected in (("StudyInstanceUID", ps.remap_uid(key, "1.2.3.999.424242")),
+                              ("FrameOfReferenceUID", ps.remap_uid(key, "1.2.3.999.424242.2"))):
+        assert {getattr(ds, keyword) for ds in datasets} == {expected}, keyword
+    series = {ds.SeriesInstanceUID for ds in datasets}
+    assert series == {plan.series_uid} and not series & {"1.2.3.999.424242.1",
+                                                         ps.remap_uid(key, "1.2.3.999.424242.1")}
+    sops = [ds.SOPInstanceUID for ds in datasets]
+    source_sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in source_files]
+    assert len(set(sops)) == len(sops)
+    assert not set(sops) & ({*source_sops} | {ps.remap_uid(key, uid) for uid in source_sops})
+    # the pixels are the de-identified volume's, where it lies
+    back = sitk.ReadImage([str(f) for f in files])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+    np.testing.assert_allclose(back.GetOrigin(), result.GetOrigin(), atol=1e-3)
+    # the source series is never modified
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in source_files} == digests
+
+
+@pytest.mark.server
+def test_dicomheader_refuses_bad_uploads_in_one_sentence(flow_server, tmp_path) -> None:
+    url = f"{flow_server.url}/infer/dicomheader"
+    not_dicom = tmp_path / "CANARY_note.dcm"
+    not_dicom.write_bytes(b"CANARY^PHI 19010101 " * 20)
+    empty_header = tmp_path / "empty.dcm"
+    ds = Dataset()
+    ds.PatientName, ds.PatientID = "CANARY^PHI", "CANARY123"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.save_as(empty_header, write_like_original=False)
+    with_pixels = _canary_source_series(np.ones((1, 400, 400), np.int16), tmp_path / "big")[0]
+    assert with_pixels.stat().st_size > HEADER_MAX_MB * 2**20
+    cases = [(not_dicom, 422, "is not a DICOM instance"), (empty_header, 422, "has no instance header"),
+             (with_pixels, 413, "larger than this task's limit")]
+    for path, status, words in cases:
+        answer = requests.post(url, params={"output": "json"}, timeout=60,
+                               files={"file": ("upload.dcm", path.read_bytes())}, data={"params": "{}"})
+        assert answer.status_code == status, (path.name, answer.text)
+        _one_sentence(answer.json()["detail"])
+        assert words in answer.json()["detail"] and "canary" not in answer.text.lower()
+    # a datastore image (a NIfTI volume) is no header either
+    answer = requests.post(url, params={"output": "json", "image": SAMPLE_IMAGE_ID}, data={"params": "{}"},
+                           timeout=60)
+    assert answer.status_code == 422 and "is not a DICOM instance" in answer.json()["detail"]
+    # what the panel shows: the server's sentence
+    job = InferJob(SemIDClient(flow_server.url, timeout=60), "dicomheader", not_dicom, {}, output="json")
+    _run(job, limit=60)
+    assert job.progress().phase == FAILED and isinstance(job.error, BadRequestError)
+    _one_sentence(str(job.error))
+    with pytest.raises(ValueError):
+        ServerHeader.from_answer({"header": {}})
+    # nothing of any uploaded header reached the server log
+    log = flow_server.log_path.read_bytes().lower()
+    assert b"dicomheader" in log
+    for canary in CANARIES:
+        assert canary.lower() not in log, canary
 
 
 # ------------------------------------------------------------------------------ without a server

@@ -32,16 +32,19 @@ from SemIDLib import (
     SemIDClient,
     SemIDClientError,
     SeriesExportError,
+    ServerHeader,
     ServerInfo,
     changed_mask,
     display_window,
     explain_level,
+    fetch_server_header,
     format_level,
     format_record,
     parse_level,
     plan_series,
     read_source_attributes,
     render_pair,
+    start_header_job,
     summarize_record,
     validate,
     validate_output_folder,
@@ -83,8 +86,11 @@ line under the slider says what the level removes.</li>
 linked views with the changed region outlined, with frontal and lateral surface renders of both, the
 record (level, blocked volume, residual re-identification risk, models) and, if ticked, the
 segmentation check (Dice per class, pass/fail; the segmentation is shown over the result).</li>
-<li>Save as DICOM: writes the result as a new series with a pseudonymous patient, new UIDs and only the
-patient characteristics of the source header, optionally also into Slicer's DICOM database. The source
+<li>Save as DICOM: writes the result as a new series, optionally also into Slicer's DICOM database. For a
+volume loaded from Slicer's DICOM database, the header is the source series' header de-identified by the
+server with the project's DICOM profile (pseudonymous patient, the same pseudonymous study as every other
+export of that study, new series and instance UIDs, kept patient characteristics). A volume loaded from a
+file has no source header: its series gets a new pseudonymous patient and study of its own. The source
 series is never modified.</li>
 </ul>
 """
@@ -304,12 +310,16 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = self._guard(lambda: self.logic.startJob(inputVolume, url, level, task))
         if job is None:
             return False
+        self._watchJob(job, done)
+        return True
+
+    def _watchJob(self, job: InferJob, done: Any) -> None:
+        """Poll a started job from the timer; `done(job)` runs on this thread once it succeeded."""
         self._job, self._jobDone = job, done
         self.ui.progressBar.visible = True
         self.ui.progressBar.setRange(0, 0)
         self._timer.start()
         self.updateGUIFromParameterNode()
-        return True
 
     def onDeidentify(self) -> None:
         self.updateParameterNodeFromGUI()
@@ -387,16 +397,38 @@ class SemIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shutil.rmtree(next(iter(files.values())).parent, ignore_errors=True)
 
     def onSaveDicom(self) -> None:
+        """Fetch the profile's header for the source series in the background (when the source came from
+        Slicer's DICOM database), then write the series."""
         self.updateParameterNodeFromGUI()
+        node = self._parameterNode
+        outputVolume = node.GetNodeReference("OutputVolume")
+        sourceVolume = outputVolume.GetNodeReference(SOURCE_REFERENCE) if outputVolume is not None else None
+        if self.logic.sourceInstanceFile(sourceVolume) is None:
+            self._writeSeries(None)
+            return
+        url = node.GetParameter("ServerURL")
+        job = self._guard(lambda: self.logic.startHeaderJob(sourceVolume, url))
+        if job is not None:
+            self._watchJob(job, self.onHeaderFetched)
+
+    def onHeaderFetched(self, job: InferJob) -> None:
+        self._writeSeries(ServerHeader.from_answer(job.result.record))
+
+    def _writeSeries(self, header: ServerHeader | None) -> None:
         node = self._parameterNode
         outputVolume = node.GetNodeReference("OutputVolume")
         folder = node.GetParameter("OutputFolder")
         self.showMessage("Writing DICOM series...")
         slicer.app.processEvents()
-        files = self._guard(lambda: self.logic.exportDicom(outputVolume, folder))
+        files = self._guard(lambda: self.logic.exportDicom(outputVolume, folder, header=header))
         if not files:
             return
         message = f"Saved {len(files)} DICOM files in {files[0].parent}."
+        if header is None:
+            message += (" The source volume was not loaded from Slicer's DICOM database, so the series has a new "
+                        "pseudonymous patient and study of its own.")
+        else:
+            message += " Header: the source series' header de-identified by the project's DICOM profile."
         if self.ui.addToDatabaseCheckBox.checked:
             if self._guard(lambda: self.logic.addToDatabase(files[0].parent)):
                 message += " Added to Slicer's DICOM database."
@@ -578,6 +610,43 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
         return np.array(slicer.util.arrayFromVolume(volume)), Geometry.from_ijk_to_ras(ijkToRas)
 
     @staticmethod
+    def sourceInstanceFile(volume: Any) -> str | None:
+        """One DICOM file of the volume's source series in Slicer's DICOM database, or None when the
+        volume was not loaded from it (e.g. from a NIfTI file)."""
+        if volume is None:
+            return None
+        uids = (volume.GetAttribute("DICOM.instanceUIDs") or "").split()
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            return None
+        path = database.fileForInstance(uids[0])
+        return path if path and os.path.exists(path) else None
+
+    def startHeaderJob(self, sourceVolume: Any, serverUrl: str) -> InferJob:
+        """Start fetching the server's de-identified header of `sourceVolume`'s series in the background."""
+        path = self.sourceInstanceFile(sourceVolume)
+        if path is None:
+            raise ValueError("The source volume was not loaded from Slicer's DICOM database: it has no header to send.")
+        client = SemIDClient(serverUrl, timeout=min(self.timeout, 120.0))
+        # The pixel-less copy still holds the source's PHI: finishJob removes the folder whatever happens.
+        workDir = tempfile.mkdtemp(prefix="semid-header-")
+        try:
+            job = start_header_job(client, path, workDir)
+        except BaseException:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        self._workDirs[id(job)] = workDir
+        return job
+
+    def fetchHeader(self, sourceVolume: Any, serverUrl: str) -> ServerHeader | None:
+        """The server's de-identified header of `sourceVolume`'s series, waited for (scripts, self tests);
+        None when the volume was not loaded from Slicer's DICOM database."""
+        path = self.sourceInstanceFile(sourceVolume)
+        if path is None:
+            return None
+        return fetch_server_header(SemIDClient(serverUrl, timeout=min(self.timeout, 120.0)), path)
+
+    @staticmethod
     def sourceAttributes(volume: Any) -> dict[str, Any]:
         """Allow-listed DICOM attributes of the volume's original series, if it came from DICOM."""
         if volume is None:
@@ -589,12 +658,14 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
         path = database.fileForInstance(uids[0])
         return read_source_attributes(path) if path and os.path.exists(path) else {}
 
-    def exportDicom(self, resultVolume: Any, folder: str, sourceVolume: Any = None) -> list[Path]:
+    def exportDicom(self, resultVolume: Any, folder: str, sourceVolume: Any = None,
+                    header: ServerHeader | None = None) -> list[Path]:
         """Write `resultVolume` as a new DICOM series in a new subfolder of `folder`.
 
-        The header: a pseudonymous patient, new UIDs, and the allow-listed patient characteristics and
-        acquisition parameters of the source series' header (SemIDLib.series_export); the source files
-        are only read.
+        The header: with `header` (the server's de-identified source header, see `startHeaderJob`), that
+        header with new Series and SOP Instance UIDs; without it, built from scratch: a pseudonymous
+        patient, new UIDs, and the allow-listed patient characteristics and acquisition parameters of the
+        source (SemIDLib.series_export). The source files are only read.
         """
         if resultVolume is None or resultVolume.GetImageData() is None:
             raise ValueError("Select a de-identified volume to save.")
@@ -611,7 +682,7 @@ class SemIDLogic(ScriptedLoadableModuleLogic):
         if levelText:
             description = f"De-identified (SemID, level {format_level(float(levelText))})"
         array, geometry = self.volumeArrayAndGeometry(resultVolume)
-        plan = plan_series(array, geometry, modality, source, series_description=description)
+        plan = plan_series(array, geometry, modality, source, header=header, series_description=description)
         # A new folder per export: never mixes two series, and write_series needs a new or empty folder.
         target = Path(folder) / f"SemID-{time.strftime('%Y%m%d-%H%M%S')}-{plan.series_uid[-6:]}"
         return write_series(plan, target)
@@ -642,6 +713,8 @@ class SemIDTest(ScriptedLoadableModuleTest):
         self.test_unreachable_server_message()
         self.setUp()
         self.test_deidentify_show_check_and_export()
+        self.setUp()
+        self.test_save_series_with_the_profiles_header()
 
     def _sampleHead(self) -> Any:
         path = os.environ.get("SEMID_SAMPLE_HEAD")
@@ -718,3 +791,43 @@ class SemIDTest(ScriptedLoadableModuleTest):
                 stack = stack[::-1]
             np.testing.assert_allclose(stack, resultArray, atol=float(slices[0].RescaleSlope))
         self.delayDisplay("Test passed")
+
+    def test_save_series_with_the_profiles_header(self) -> None:
+        """A volume loaded from Slicer's DICOM database: the saved series' header comes from the server's
+        profile (pseudonymous patient and study, new series), not from the source's identity."""
+        import pydicom
+        from DICOMLib import DICOMUtils
+
+        serverUrl = os.environ.get("SEMID_SERVER_URL", "http://127.0.0.1:8000")
+        logic = SemIDLogic()
+        info = logic.checkServer(serverUrl)
+        if "dicomheader" not in info.models:
+            self.delayDisplay("The server has no dicomheader task: header test skipped")
+            return
+        head = self._sampleHead()
+        array, geometry = logic.volumeArrayAndGeometry(head)
+        with tempfile.TemporaryDirectory() as work, DICOMUtils.TemporaryDICOMDatabase():
+            # a source series with identifying values, through Slicer's own DICOM import and loading
+            sourcePlan = plan_series(array, geometry, "MR", {"PatientSex": "F", "PatientAge": "047Y"},
+                                     patient_name="CANARY^SLICER", patient_id="CANARY-SLICER")
+            write_series(sourcePlan, Path(work) / "source")
+            DICOMUtils.importDicom(str(Path(work) / "source"))
+            loaded = DICOMUtils.loadSeriesByUID([sourcePlan.series_uid])
+            self.assertEqual(len(loaded), 1)
+            original = slicer.mrmlScene.GetNodeByID(loaded[0])
+            self.assertIsNotNone(logic.sourceInstanceFile(original))
+            result, _record = logic.deidentify(original, serverUrl, "high")
+            header = logic.fetchHeader(original, serverUrl)
+            self.assertIsNotNone(header)
+            self.assertNotEqual(header.patient_id, "CANARY-SLICER")
+            self.assertNotEqual(header.study_uid, sourcePlan.study_uid)
+            files = logic.exportDicom(result, str(Path(work) / "out"), header=header)
+            slices = [pydicom.dcmread(str(f)) for f in files]
+            self.assertEqual({ds.StudyInstanceUID for ds in slices}, {header.study_uid})
+            self.assertEqual({ds.PatientID for ds in slices}, {header.patient_id})
+            self.assertEqual(len({ds.SeriesInstanceUID for ds in slices}), 1)
+            self.assertNotEqual(slices[0].SeriesInstanceUID, sourcePlan.series_uid)
+            self.assertEqual((slices[0].PatientSex, slices[0].PatientAge), ("F", "047Y"))
+            for path in files:
+                self.assertNotIn(b"CANARY", path.read_bytes())
+        self.delayDisplay("Saved series has the profile's header")

@@ -16,13 +16,25 @@ from .client import (
     TaskMissingError,
     summarize_record,
 )
-from .jobs import CANCELLED, DONE, FAILED, InferJob, JobCancelledError, Progress
+from .jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    InferJob,
+    JobCancelledError,
+    Progress,
+    fetch_server_header,
+    start_header_job,
+)
 from .levels import PRESETS, explain_level, format_level, parse_level, preset_name
 from .results import SegcheckSummary, format_record, models_used, record_rows, residual_risk
 from .series_export import (
+    HEADER_TASK,
     Geometry,
     SeriesExportError,
     SeriesPlan,
+    ServerHeader,
+    header_upload_copy,
     plan_series,
     read_source_attributes,
     write_series,
@@ -45,6 +57,7 @@ __all__ = [
     "CANCELLED",
     "DEFAULT_SERVER_URL",
     "DONE",
+    "HEADER_TASK",
     "FAILED",
     "KEYS",
     "OUTLINE_SOURCE",
@@ -77,17 +90,21 @@ __all__ = [
     "SemIDClientError",
     "SeriesExportError",
     "SeriesPlan",
+    "ServerHeader",
     "ServerError",
     "ServerInfo",
     "ServerTimeoutError",
     "ServerUnreachableError",
     "TaskMissingError",
     "explain_level",
+    "fetch_server_header",
+    "header_upload_copy",
     "format_level",
     "parse_level",
     "plan_series",
     "preset_name",
     "read_source_attributes",
+    "start_header_job",
     "summarize_record",
     "write_series",
 ]

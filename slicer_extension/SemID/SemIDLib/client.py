@@ -78,9 +78,12 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class DeidentifyResult:
-    """The de-identified volume written to disk, and the server's record of what was done."""
+    """The de-identified volume written to disk, and the server's record of what was done.
 
-    volume_path: Path
+    ``volume_path`` is None for a task that answers JSON only (``InferJob(..., output="json")``).
+    """
+
+    volume_path: Path | None
     record: dict[str, Any]
 
 

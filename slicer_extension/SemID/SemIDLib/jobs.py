@@ -39,6 +39,7 @@ from .client import (
     parse_multipart,
     volume_suffix,
 )
+from .series_export import HEADER_TASK, ServerHeader, header_upload_copy
 
 UPLOADING, WORKING, DOWNLOADING = "uploading", "working", "downloading"
 PENDING, DONE, FAILED, CANCELLED = "pending", "done", "failed", "cancelled"
@@ -108,12 +109,18 @@ class InferJob:
         volume_path: str | os.PathLike[str],
         params: dict[str, Any] | None = None,
         output_dir: str | os.PathLike[str] | None = None,
+        output: str = "all",
     ) -> None:
         self.client = client
         self.task = task
         self.volume_path = Path(volume_path)
         self.params = dict(params or {})
         self._output_parent = Path(output_dir) if output_dir is not None else None
+        if output not in ("all", "json"):
+            raise ValueError(f"Unknown answer kind {output!r}: use 'all' (volume and JSON) or 'json'.")
+        #: "all": the task answers a volume and its JSON record; "json": JSON only (e.g. `dicomheader`),
+        #: then ``result.volume_path`` is None and ``result.record`` holds the whole answer.
+        self.output = output
         self.result: DeidentifyResult | None = None
         self.error: SemIDClientError | None = None
         self._lock = threading.Lock()
@@ -171,7 +178,7 @@ class InferJob:
         """Remove the result files (after the caller loaded them)."""
         if self._folder is not None and self._output_parent is None:
             shutil.rmtree(self._folder, ignore_errors=True)
-        elif self.result is not None:
+        elif self.result is not None and self.result.volume_path is not None:
             self.result.volume_path.unlink(missing_ok=True)
 
     # -- worker ---------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ class InferJob:
         )
         del data
         base = urllib.parse.urlparse(self.client.server_url).path.rstrip("/")
-        path = f"{base}/infer/{urllib.parse.quote(self.task)}?output=all"
+        path = f"{base}/infer/{urllib.parse.quote(self.task)}?output={self.output}"
         try:
             status, headers, answer = self._exchange(path, body, content_type)
         except (JobCancelledError, ServerTimeoutError):
@@ -307,6 +314,8 @@ class InferJob:
         return response.status, response.headers, b"".join(chunks)
 
     def _save(self, answer: bytes, answer_type: str) -> DeidentifyResult:
+        if self.output == "json":
+            return self._json_result(answer)
         if not answer_type.lower().startswith("multipart/"):
             raise ServerError(f"The `{self.task}` task returned no volume; see the server log for the cause.")
         parts = parse_multipart(answer, answer_type)
@@ -333,3 +342,48 @@ class InferJob:
         self._check_cancel()
         os.replace(partial, output)
         return DeidentifyResult(volume_path=output, record=record)
+
+    def _json_result(self, answer: bytes) -> DeidentifyResult:
+        """A JSON-only answer: nothing is written to disk, the answer is the record."""
+        try:
+            loaded = json.loads(answer.decode("utf-8") or "null")
+        except ValueError:
+            raise ServerError(f"The server's answer to `{self.task}` is not valid JSON.") from None
+        if not isinstance(loaded, dict):
+            raise ServerError(f"The `{self.task}` task answered no JSON object; see the server log for the cause.")
+        self._check_cancel()
+        return DeidentifyResult(volume_path=None, record=loaded)
+
+
+def start_header_job(
+    client: SemIDClient, source_instance: str | os.PathLike[str], work_dir: str | os.PathLike[str]
+) -> InferJob:
+    """Start fetching the profile's header for a source series, in the background.
+
+    ``source_instance`` is one DICOM file of the source series (only read); its header, pixel data
+    removed, is written into ``work_dir`` (private, holds PHI: the caller removes it afterwards) and sent
+    to the server's `dicomheader` task. When the job is done, ``ServerHeader.from_answer(job.result.record)``
+    is the base for `plan_series(..., header=...)`.
+    """
+    upload = header_upload_copy(source_instance, Path(work_dir) / "header.dcm")
+    return InferJob(client, HEADER_TASK, upload, {}, output="json").start()
+
+
+def fetch_server_header(
+    client: SemIDClient, source_instance: str | os.PathLike[str], work_dir: str | os.PathLike[str] | None = None
+) -> ServerHeader:
+    """`start_header_job` and wait (scripts, self tests); raises the job's `SemIDClientError` on failure.
+
+    Without ``work_dir`` a private temporary folder is used and removed.
+    """
+    own = work_dir is None
+    folder = Path(tempfile.mkdtemp(prefix="semid-header-")) if own else Path(work_dir)
+    try:
+        job = start_header_job(client, source_instance, folder)
+        job.wait()
+        if job.progress().phase != DONE:
+            raise job.error if job.error is not None else ServerError("The header request failed; try again.")
+        return ServerHeader.from_answer(job.result.record)
+    finally:
+        if own:
+            shutil.rmtree(folder, ignore_errors=True)

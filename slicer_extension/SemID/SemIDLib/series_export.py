@@ -1,10 +1,23 @@
 """Export a de-identified volume as a NEW DICOM series, with no identity carried over.
 
-The header is built from scratch, not edited from the source: new Study/Series/SOP/Frame of
-Reference UIDs, a pseudonymous patient, and only an explicit allow-list of non-identifying source
-attributes (patient characteristics and acquisition parameters), each checked for a plausible value.
-Everything else in the source header is dropped, so PHI cannot leak through attributes nobody
-thought of.
+Two ways to get the header, depending on where the volume came from:
+
+- From DICOM (the usual case): the source series' header, de-identified by the SemID server's
+  `dicomheader` task with the project's PS3.15 profile and pseudonym key (`ServerHeader`), is the base
+  of every instance: pseudonymous patient, the profile's keyed Study and Frame of Reference UIDs (the
+  series lands in the same pseudonymous study as every other export of that study), kept patient
+  characteristics, shifted dates. The client adds what is its own: new Series and SOP Instance UIDs
+  (new content), per-instance geometry and the pixel module. `header_upload_copy` writes the
+  pixel-less copy of one source instance that is sent. The core profile cannot run here: this package
+  runs in 3D Slicer's Python, where `semid` and the key are absent.
+- Without a source header (a volume loaded from NIfTI, NRRD...): the header is built from scratch:
+  new Study/Series/SOP/Frame of Reference UIDs, a random pseudonymous patient, and only an explicit
+  allow-list of non-identifying source attributes (patient characteristics and acquisition
+  parameters), each checked for a plausible value.
+
+The allow-list's value checks also serve as a second guard on the server's header: implausible patient
+characteristics are dropped and ages of 90 and over capped, and a header that does not say it went
+through the profile is refused.
 
 Geometry follows SimpleITK's convention: `spacing` and `origin` in (x, y, z) order, `direction` a
 row-major 3x3 whose columns are the image axes, all in LPS millimetres. The array is (z, y, x).
@@ -12,6 +25,7 @@ row-major 3x3 whose columns are the image axes, all in LPS millimetres. The arra
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import secrets
@@ -109,6 +123,140 @@ class SeriesExportError(ValueError):
     """The volume cannot be exported as asked: the message is one sentence for the user."""
 
 
+#: The server task that de-identifies a source header (monailabel_app/lib/infers/dicomheader.py).
+HEADER_TASK = "dicomheader"
+#: Binary values longer than this (bytes) are bulk data: never sent to the server, nor kept from it.
+BULK_DATA_BYTES = 1024
+_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "IconImageSequence")
+#: Patient characteristics (PS3.15 Retain Patient Characteristics) re-checked on the server's header.
+_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
+#: Attributes of the server's header that describe the SOURCE instance, its pixels or its series, and are
+#: therefore removed from the base before the client sets its own (new series, new pixels, geometry).
+INSTANCE_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "InstanceNumber",
+    "ImageType", "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation", "SliceThickness",
+    "SpacingBetweenSlices", "PixelSpacing", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "PixelAspectRatio",
+    "NumberOfFrames", "FrameIncrementPointer", "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence", "DimensionIndexSequence", "DimensionOrganizationSequence",
+    "InStackPositionNumber", "LargestImagePixelValue", "SmallestImagePixelValue", "LargestPixelValueInSeries",
+    "SmallestPixelValueInSeries", "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleSlope",
+    "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+    "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence", "ReferencedImageSequence",
+    "SourceImageSequence", "BurnedInAnnotation", *_PIXEL_KEYWORDS,
+)
+
+
+def _drop_bulk_data(ds: Dataset) -> None:
+    """Remove pixel data and every binary value over BULK_DATA_BYTES, at any depth (in place)."""
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            del ds[keyword]
+    for elem in list(ds):
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                _drop_bulk_data(item)
+        elif elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > BULK_DATA_BYTES:
+            del ds[elem.tag]
+
+
+def header_upload_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Write the header of the source instance ``source`` (pixel and bulk data removed) to ``target``.
+
+    This is what the client sends to the `dicomheader` task: the pixels are not needed for the header
+    and would make the upload as large as the image. ``target`` holds PHI: put it in a private temporary
+    folder and remove it after the request. Written under a temporary name and renamed; the source is
+    only read.
+
+    Raises:
+        SeriesExportError: ``source`` is not a readable DICOM instance.
+    """
+    try:
+        ds = pydicom.dcmread(os.fspath(source), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - any parse failure: the source file is damaged or not DICOM
+        raise SeriesExportError(
+            "The source volume's DICOM file cannot be read: check it in the DICOM module, or save without it."
+        ) from None
+    _drop_bulk_data(ds)
+    target = Path(target)
+    partial = target.with_name("." + target.name + ".part")
+    try:
+        if int(pydicom.__version__.split(".")[0]) >= 3:
+            ds.save_as(partial, enforce_file_format=True)
+        else:
+            ds.save_as(partial, write_like_original=False)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return target
+
+
+@dataclass(frozen=True)
+class ServerHeader:
+    """The source header de-identified by the server's `dicomheader` task (its JSON answer, checked).
+
+    ``dataset`` is the header (no pixel data); the UIDs and patient are the profile's keyed values.
+    """
+
+    dataset: Dataset
+    study_uid: str
+    frame_of_reference_uid: str
+    patient_id: str
+    patient_name: str
+    modality: str
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> ServerHeader:
+        """Parse and check the task's JSON answer.
+
+        Raises:
+            SeriesExportError: the answer is not a de-identified header (wrong server, or a header that
+                does not say it went through the profile).
+        """
+        header = answer.get("header") if isinstance(answer, Mapping) else None
+        if not isinstance(header, dict) or not header:
+            raise SeriesExportError("The server's answer holds no DICOM header: is it a SemID server with the "
+                                    "dicomheader task?")
+        try:
+            ds = Dataset.from_json(header)
+            study_uid = str(ds.get("StudyInstanceUID", "") or "")
+            patient_id = str(ds.get("PatientID", "") or "")
+            removed = str(ds.get("PatientIdentityRemoved", "") or "").upper()
+            codes = {str(item.get("CodeValue", "")) for item in ds.get("DeidentificationMethodCodeSequence", [])}
+        except Exception:  # noqa: BLE001 - malformed DICOM JSON in any way
+            raise SeriesExportError("The server's header is not valid DICOM JSON: update the SemID server.") from None
+        # Second guard: the header must say it went through the profile, and agree with the answer.
+        if removed != "YES" or "113100" not in codes:
+            raise SeriesExportError("The server's header does not record the de-identification profile: it cannot "
+                                    "be used for a de-identified series; update the SemID server.")
+        if not study_uid or study_uid != str(answer.get("study_uid", "")) or patient_id != str(
+                answer.get("patient_id", "")):
+            raise SeriesExportError("The server's header and its study or patient do not agree: update the SemID "
+                                    "server.")
+        _drop_bulk_data(ds)
+        for keyword in _CHARACTERISTICS:
+            if keyword in ds and ds[keyword].value not in (None, ""):
+                clean = _clean_value(ALLOWED_SOURCE_ATTRIBUTES[keyword], ds[keyword].value)
+                if clean is None:
+                    del ds[keyword]
+                else:
+                    ds[keyword].value = _as_vr(keyword, clean) if keyword in ("PatientSize", "PatientWeight") \
+                        else clean
+        profile = answer.get("profile")
+        return cls(
+            dataset=ds,
+            study_uid=study_uid,
+            frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+            patient_id=patient_id,
+            patient_name=str(ds.get("PatientName", "") or ""),
+            modality=str(ds.get("Modality", "") or "").upper(),
+            profile=dict(profile) if isinstance(profile, Mapping) else {},
+        )
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Voxel-to-patient mapping in LPS millimetres, SimpleITK style."""
@@ -165,6 +313,8 @@ class SeriesPlan:
     patient_name: str
     patient_id: str
     kept_source_keywords: list[str] = field(default_factory=list)
+    # "server": the base is the server's de-identified source header; "scratch": built from scratch.
+    header_source: str = "scratch"
     # Keywords only, never values: this list may be logged.
     dropped_source_keywords: list[str] = field(default_factory=list)
 
@@ -320,6 +470,7 @@ def plan_series(
     modality: str = "MR",
     source: Mapping[str, Any] | None = None,
     *,
+    header: ServerHeader | None = None,
     patient_name: str = PSEUDONYM_NAME,
     patient_id: str | None = None,
     series_description: str = "De-identified (SemID)",
@@ -327,9 +478,14 @@ def plan_series(
 ) -> SeriesPlan:
     """Build the per-slice datasets of a new series for a (z, y, x) array.
 
-    `source` holds DICOM keyword -> value of the original series; only allow-listed attributes with
-    plausible values are kept. `patient_id` defaults to a random pseudonym "SEMID-XXXXXXXX": it is
-    random on purpose, so it cannot be traced back to the source ID.
+    With `header` (the server's de-identified source header, `ServerHeader`), every instance starts from
+    it: patient, study, frame of reference, dates and kept characteristics are the profile's, and only
+    the instance and pixel attributes (`INSTANCE_KEYWORDS`) are replaced; Series and SOP Instance UIDs
+    are new. `source`, `patient_name` and `patient_id` are then ignored.
+
+    Without it (no source header), `source` holds DICOM keyword -> value of the original series; only
+    allow-listed attributes with plausible values are kept. `patient_id` defaults to a random pseudonym
+    "SEMID-XXXXXXXX": it is random on purpose, so it cannot be traced back to the source ID.
     """
     array = np.asarray(array)
     if array.ndim != 3 or min(array.shape) < 1:
@@ -337,6 +493,8 @@ def plan_series(
     if array.dtype.kind not in "iufb":
         raise SeriesExportError("The volume must hold numbers to be exported as a DICOM series.")
     modality = (modality or "").upper()
+    if header is not None and header.modality in SOP_CLASSES:
+        modality = header.modality
     if modality not in SOP_CLASSES:
         source_modality = str((source or {}).get("Modality", "")).upper()
         modality = source_modality if source_modality in SOP_CLASSES else "MR"
@@ -351,30 +509,45 @@ def plan_series(
     origin = np.asarray(geometry.origin, dtype=float)
     row_dir, col_dir, normal = matrix[:, 0], matrix[:, 1], matrix[:, 2]
 
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    series_uid = generate_uid()
+    if header is not None:
+        # the profile's keyed study and frame of reference (same grid as the source), its pseudonym
+        study_uid = header.study_uid
+        frame_uid = header.frame_of_reference_uid or generate_uid()
+        patient_name, patient_id = header.patient_name, header.patient_id
+        base = _base_dataset(header.dataset)
+        kept = {k: base[k].value for k in ALLOWED_SOURCE_ATTRIBUTES if k in base and base[k].value not in (None, "")}
+        dropped = []
+        identity: dict[str, Any] = {"StudyInstanceUID": study_uid, "FrameOfReferenceUID": frame_uid}
+    else:
+        study_uid, frame_uid = generate_uid(), generate_uid()
+        base = None
+        identity = {
+            "StudyInstanceUID": study_uid,
+            "FrameOfReferenceUID": frame_uid,
+            "PatientName": patient_name,
+            "PatientID": patient_id,
+            "PatientBirthDate": "",
+            "PatientSex": "",
+            "PatientIdentityRemoved": "YES",
+            "DeidentificationMethod": DEIDENTIFICATION_METHOD,
+            # Type 2 study attributes are left empty rather than invented.
+            "StudyDate": "",
+            "StudyTime": "",
+            "ReferringPhysicianName": "",
+            "StudyID": "",
+            "AccessionNumber": "",
+            "StudyDescription": "De-identified (SemID)",
+            "PositionReferenceIndicator": "",
+        }
     sop_class = SOP_CLASSES[modality]
     common: dict[str, Any] = {
         "SOPClassUID": sop_class,
-        "StudyInstanceUID": study_uid,
+        **identity,
         "SeriesInstanceUID": series_uid,
-        "FrameOfReferenceUID": frame_uid,
         "Modality": modality,
-        "PatientName": patient_name,
-        "PatientID": patient_id,
-        "PatientBirthDate": "",
-        "PatientSex": "",
-        "PatientIdentityRemoved": "YES",
-        "DeidentificationMethod": DEIDENTIFICATION_METHOD,
-        # Type 2 study attributes are left empty rather than invented.
-        "StudyDate": "",
-        "StudyTime": "",
-        "ReferringPhysicianName": "",
-        "StudyID": "",
-        "AccessionNumber": "",
-        "StudyDescription": "De-identified (SemID)",
         "SeriesDescription": series_description[:64],
         "SeriesNumber": int(series_number),
-        "PositionReferenceIndicator": "",
         "ImageType": ["DERIVED", "SECONDARY"],
         "BurnedInAnnotation": "NO",
         "ImageOrientationPatient": [_ds(v) for v in (*row_dir, *col_dir)],
@@ -396,16 +569,19 @@ def plan_series(
         "WindowWidth": _ds(width),
     }
     if modality == "MR":
-        common.update(_MR_DEFAULTS)
-    common.update(kept)
+        # Type 1 in the MR Image module: the source's own values win when the base header has them
+        common.update({k: v for k, v in _MR_DEFAULTS.items() if base is None or k not in base})
+    if base is None:
+        common.update(kept)
 
     major = int(pydicom.__version__.split(".")[0])
     datasets: list[Dataset] = []
     for k in range(array.shape[0]):
-        ds = Dataset()
+        ds = copy.deepcopy(base) if base is not None else Dataset()
         for keyword, value in common.items():
             setattr(ds, keyword, value)
-        ds.DeidentificationMethodCodeSequence = [_code_item(value, meaning) for value, meaning in PROFILE_CODES]
+        if base is None:
+            ds.DeidentificationMethodCodeSequence = [_code_item(value, meaning) for value, meaning in PROFILE_CODES]
         sop_uid = generate_uid()
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = k + 1
@@ -432,7 +608,23 @@ def plan_series(
         patient_id=patient_id,
         kept_source_keywords=sorted(kept),
         dropped_source_keywords=dropped,
+        header_source="server" if header is not None else "scratch",
     )
+
+
+def _base_dataset(header: Dataset) -> Dataset:
+    """The server's header without what belongs to the source instance, its pixels or its series, and
+    without overlays (group 60xx: drawn over the source pixels, they may hold text)."""
+    base = copy.deepcopy(header)
+    for keyword in INSTANCE_KEYWORDS:
+        if keyword in base:
+            del base[keyword]
+    for elem in list(base):
+        if 0x6000 <= elem.tag.group <= 0x60FF and elem.tag.group % 2 == 0:
+            del base[elem.tag]
+    if "PositionReferenceIndicator" not in base:
+        base.PositionReferenceIndicator = ""  # Type 2 in the Frame of Reference module
+    return base
 
 
 def _save(ds: Dataset, path: Path) -> None:
