@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
-from tests.servers import stop_process_group
+from servers import stop_process_group
 
 CANARIES = (b"QXDOE", b"QXJOHN", b"QXID4711", b"19610312", b"QXHOSPITAL", b"QXROE", b"QXID0815")
 KEY = "batch-test-key-0123456789abcdef"
@@ -155,7 +154,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stop_process_group(proc.pid)
+        stop_process_group(proc)
         raise
 
 

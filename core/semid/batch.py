@@ -636,7 +636,9 @@ def _run_locked(opts: BatchOptions, level: float, key: ps.Key, studies: list[Stu
     with_pictures = {r["key"] for r in rows.values() if r["state"] == "done"
                      and (report_dir / "report" / f"{r['key']}.png").exists()}
     want = max(0, opts.qc_sample - len(with_pictures))
-    qc_keys = {s.key for s in todo[:want]}
+    # studies that already failed (or hold no readable DICOM) make no picture: never give them the sample
+    qc_keys = {s.key for s in sorted(todo, key=lambda s: (s.kind == "unreadable",
+                                                         rows[s.key]["state"] == "failed"))[:want]}
     cfg = WorkerConfig(level=level, key=key, out="" if _is_url(opts.out) else str(home.resolve()),
                        staging=str(staging.resolve()), out_url=opts.out if _is_url(opts.out) else "",
                        options=tuple(opts.options), ocr=opts.ocr, fill=opts.fill,
