@@ -23,7 +23,6 @@ Run with the project's Python after ``make data`` (``make bench`` does), e.g.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -32,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tables import write_table
 
 KEY = "batch-throughput-benchmark-key-0001"
 
@@ -166,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['tool']} | {r['what']} | {r['studies']} | {r['wall_s']:.1f} | "
                      f"{r['studies_per_hour']:.0f} | {r['studies_per_hour'] / base:.2f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_table(lines, rows, args.out)
     return 0
 
 

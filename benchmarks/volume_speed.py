@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tables import write_table
+
 LEVELS = ("low", "medium", "high", "max")
 FILLS = ("surface", "learned")
 
@@ -112,12 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
         lines.append(f"| {r['level']} | {r['fill']} | {r['wall_s']:.2f} | {r['pipeline_s']:.2f} | {r['peak_mb']:.0f} | "
                      f"{ratio:.2f} | {stages} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_table(lines, rows, args.out)
     return 0
 
 

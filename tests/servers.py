@@ -191,6 +191,27 @@ class OrthancServer:
         """Stop it now (by process group id); stopping again is a no-op."""
         stop_process_group(self.process)
 
+    def upload(self, files: list[Path]) -> None:
+        """Store DICOM files through Orthanc's REST API (not DICOMweb: the app under test uses that)."""
+        import requests
+
+        with requests.Session() as session:
+            for path in files:
+                response = session.post(f"{self.url}/instances", data=path.read_bytes(), timeout=30)
+                if response.status_code != 200:
+                    raise RuntimeError(f"Orthanc refused {path.name}: {response.status_code} {response.text[:200]}")
+
+    def stored(self) -> dict[str, str]:
+        """Every instance Orthanc holds: its id -> sha256 of the stored file (through the REST API)."""
+        import hashlib
+
+        import requests
+
+        with requests.Session() as session:
+            ids = session.get(f"{self.url}/instances", timeout=30).json()
+            return {i: hashlib.sha256(session.get(f"{self.url}/instances/{i}/file", timeout=30).content).hexdigest()
+                    for i in ids}
+
 
 def orthanc_missing() -> str | None:
     """Why the Orthanc tests cannot run here (a sentence), or None when Orthanc and its plugin are installed."""

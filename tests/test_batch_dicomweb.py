@@ -112,21 +112,6 @@ def _corrupt_study(folder: Path) -> list[Path]:
     return files
 
 
-def _upload(orthanc: OrthancServer, files: list[Path]) -> None:
-    with requests.Session() as session:
-        for path in files:
-            response = session.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=30)
-            assert response.status_code == 200, response.text
-
-
-def _stored(orthanc: OrthancServer) -> dict[str, str]:
-    """Every instance Orthanc holds: its id -> sha256 of the stored file (Orthanc's REST API, not DICOMweb)."""
-    with requests.Session() as session:
-        ids = session.get(f"{orthanc.url}/instances", timeout=30).json()
-        return {i: hashlib.sha256(session.get(f"{orthanc.url}/instances/{i}/file", timeout=30).content).hexdigest()
-                for i in ids}
-
-
 def _series_uids(orthanc: OrthancServer) -> set[str]:
     with requests.Session() as session:
         return {session.get(f"{orthanc.url}/series/{i}", timeout=30).json()["MainDicomTags"]["SeriesInstanceUID"]
@@ -260,8 +245,8 @@ def pacs(dask_cluster: Dask, tmp_path_factory: pytest.TempPathFactory):
         except RuntimeError as error:
             pytest.fail(str(error), pytrace=False)
         for paths in files.values():
-            _upload(orthanc, paths)
-        before = _stored(orthanc)
+            orthanc.upload(paths)
+        before = orthanc.stored()
         assert len(before) == sum(len(paths) for paths in files.values())
         yield Pacs(orthanc, root, root / "heads", uids, before)
 
@@ -275,7 +260,7 @@ def from_orthanc(pacs: Pacs, dask_cluster: Dask) -> dict:
     rows = _manifest(out)
     outputs = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                for p in out.rglob("*.dcm")}
-    after = _stored(pacs.orthanc)
+    after = pacs.orthanc.stored()
     again = _batch(dask_cluster.address, pacs.orthanc.dicomweb_url, str(out))
     return {"out": out, "first": first, "rows": rows, "outputs": outputs, "after": after, "again": again,
             "rows_again": _manifest(out),
@@ -290,11 +275,11 @@ def to_orthanc(pacs: Pacs, dask_cluster: Dask, from_orthanc) -> dict:
     series_before = _series_uids(pacs.orthanc)
     first = _batch(dask_cluster.address, str(pacs.heads), pacs.orthanc.dicomweb_url, "--work", str(work))
     rows = _manifest(work)
-    stored = _stored(pacs.orthanc)
+    stored = pacs.orthanc.stored()
     again = _batch(dask_cluster.address, str(pacs.heads), pacs.orthanc.dicomweb_url, "--work", str(work))
     return {"work": work, "first": first, "rows": rows, "series_before": series_before,
             "series_after": _series_uids(pacs.orthanc), "stored": stored, "again": again,
-            "rows_again": _manifest(work), "stored_again": _stored(pacs.orthanc)}
+            "rows_again": _manifest(work), "stored_again": pacs.orthanc.stored()}
 
 
 # --------------------------------------------------------------------------------------------- tests

@@ -12,7 +12,6 @@ input and to Orthanc going down, and that no canary reaches the server log.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -104,21 +103,6 @@ def _unsigned_ct(files: list[Path]) -> None:
         ds.save_as(path, write_like_original=False)
 
 
-def _upload(orthanc: OrthancServer, files: list[Path]) -> None:
-    with requests.Session() as session:
-        for path in files:
-            response = session.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=30)
-            assert response.status_code == 200, response.text
-
-
-def _stored(orthanc: OrthancServer) -> dict[str, str]:
-    """Every instance Orthanc holds: its id -> sha256 of the stored file (Orthanc's REST API, not DICOMweb)."""
-    with requests.Session() as session:
-        ids = session.get(f"{orthanc.url}/instances", timeout=30).json()
-        return {i: hashlib.sha256(session.get(f"{orthanc.url}/instances/{i}/file", timeout=30).content).hexdigest()
-                for i in ids}
-
-
 def _series_files(orthanc: OrthancServer, series_uid: str, folder: Path) -> list[Path]:
     """Download the stored files of one series through Orthanc's REST API into ``folder``."""
     found = requests.post(f"{orthanc.url}/tools/lookup", data=series_uid, timeout=30).json()
@@ -199,8 +183,8 @@ def pacs(sample_head: Path, tmp_path_factory: pytest.TempPathFactory):
         except RuntimeError as error:
             pytest.fail(str(error), pytrace=False)
         for paths in files.values():
-            _upload(orthanc, paths)
-        before = _stored(orthanc)
+            orthanc.upload(paths)
+        before = orthanc.stored()
         assert len(before) == sum(len(paths) for paths in files.values())
         env = {
             "SEMID_KEY": KEY,
@@ -393,7 +377,7 @@ def test_series_writer_refuses_a_volume_of_another_geometry(pacs: Pacs, tmp_path
 
 
 def test_originals_in_orthanc_are_untouched(pacs: Pacs, deidentified) -> None:
-    after = _stored(pacs.orthanc)
+    after = pacs.orthanc.stored()
     assert {i: after.get(i) for i in pacs.before} == pacs.before, "an original instance changed or disappeared"
     added = _series_uids(pacs.orthanc) - set(pacs.series.values())
     assert len(added) >= 2 and len(after) == len(pacs.before) + 128 * len(added)
