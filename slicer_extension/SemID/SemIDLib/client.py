@@ -182,6 +182,25 @@ def volume_suffix(path: str | os.PathLike[str]) -> str:
     return "".join(Path(path).suffixes) or ".nii.gz"
 
 
+def split_volume_answer(answer: bytes, answer_type: str, task: str) -> tuple[str | None, bytes, dict[str, Any]]:
+    """A volume task's multipart answer -> (file name, volume bytes, record); ServerError when it has no
+    volume (MONAI Label falls back to the bare JSON when the task wrote no image) or a bad record."""
+    if not answer_type.lower().startswith("multipart/"):
+        raise ServerError(f"The `{task}` task returned no volume; see the server log for the cause.")
+    parts = parse_multipart(answer, answer_type)
+    if "image" not in parts:
+        raise ServerError(f"The `{task}` task returned no volume; see the server log for the cause.")
+    filename, volume_bytes = parts["image"]
+    record: dict[str, Any] = {}
+    if "params" in parts:
+        try:
+            loaded = json.loads(parts["params"][1].decode("utf-8") or "null")
+        except ValueError:
+            raise ServerError(f"The server's answer to `{task}` is not valid JSON.") from None
+        record = loaded if isinstance(loaded, dict) else {"params": loaded}
+    return filename, volume_bytes, record
+
+
 class SemIDClient:
     """Talks to one SemID MONAI Label server."""
 
@@ -331,20 +350,7 @@ class SemIDClient:
     def _read_result(
         self, answer: bytes, answer_type: str, output_path: str | os.PathLike[str] | None
     ) -> DeidentifyResult:
-        if not answer_type.lower().startswith("multipart/"):
-            # MONAI Label falls back to the bare JSON when the task wrote no image.
-            raise ServerError(f"The `{self.task}` task returned no volume; see the server log for the cause.")
-        parts = parse_multipart(answer, answer_type)
-        if "image" not in parts:
-            raise ServerError(f"The `{self.task}` task returned no volume; see the server log for the cause.")
-        filename, volume_bytes = parts["image"]
-        record: dict[str, Any] = {}
-        if "params" in parts:
-            try:
-                loaded = json.loads(parts["params"][1].decode("utf-8") or "null")
-            except ValueError:
-                raise ServerError("The server's record of the de-identification is not valid JSON.") from None
-            record = loaded if isinstance(loaded, dict) else {"params": loaded}
+        filename, volume_bytes, record = split_volume_answer(answer, answer_type, self.task)
         if output_path is None:
             folder = Path(tempfile.mkdtemp(prefix="semid-"))
             output = folder / ("deidentified" + volume_suffix(filename or "result.nii.gz"))

@@ -36,7 +36,7 @@ from .client import (
     ServerTimeoutError,
     _encode_multipart,
     _server_sentence,
-    parse_multipart,
+    split_volume_answer,
     volume_suffix,
 )
 from .series_export import HEADER_TASK, ServerHeader, header_upload_copy
@@ -316,19 +316,7 @@ class InferJob:
     def _save(self, answer: bytes, answer_type: str) -> DeidentifyResult:
         if self.output == "json":
             return self._json_result(answer)
-        if not answer_type.lower().startswith("multipart/"):
-            raise ServerError(f"The `{self.task}` task returned no volume; see the server log for the cause.")
-        parts = parse_multipart(answer, answer_type)
-        if "image" not in parts:
-            raise ServerError(f"The `{self.task}` task returned no volume; see the server log for the cause.")
-        filename, volume_bytes = parts["image"]
-        record: dict[str, Any] = {}
-        if "params" in parts:
-            try:
-                loaded = json.loads(parts["params"][1].decode("utf-8") or "null")
-            except ValueError:
-                raise ServerError(f"The server's answer to `{self.task}` is not valid JSON.") from None
-            record = loaded if isinstance(loaded, dict) else {"params": loaded}
+        filename, volume_bytes, record = split_volume_answer(answer, answer_type, self.task)
         if self._output_parent is None:
             self._folder = Path(tempfile.mkdtemp(prefix="semid-"))
         else:
