@@ -79,6 +79,35 @@ def test_prediction_keeps_an_oblique_lps_grid_exactly(network, visits):
     assert nw.dice(sitk.GetArrayViewFromImage(prob) > 0.5, truth) >= MIN_DICE_OBLIQUE
 
 
+def test_torchscript_export_predicts_like_monai_and_loads_without_it(network, visits, tmp_path):
+    """Inference runs the U-Net as TorchScript: the same probabilities as the MONAI network, and once
+    the export exists a fresh process loads the weights without importing MONAI (6-10 s here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SEMID_DATA_DIR": str(tmp_path)}
+    probe = ("import sys; from semid.identity import network as nw; "
+             "net = nw.IdentityNetwork.load(scripted=True); "
+             "print(type(net.net).__name__, 'monai' in sys.modules, nw.scripted_path(net.sha256).is_file())")
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert first.stdout.split() == ["RecursiveScriptModule", "True", "True"]  # built from MONAI, exported
+    second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout.split() == ["RecursiveScriptModule", "False", "True"]  # read back, no MONAI
+
+    os.environ["SEMID_DATA_DIR"], saved = str(tmp_path), os.environ.get("SEMID_DATA_DIR")
+    try:
+        scripted = nw.IdentityNetwork.load(scripted=True)
+    finally:
+        if saved is None:
+            del os.environ["SEMID_DATA_DIR"]
+        else:
+            os.environ["SEMID_DATA_DIR"] = saved
+    x, _ = nw.prepare(visits["MR"].image, "MR")
+    eager, script = network.predict_array(x), scripted.predict_array(x)
+    assert float(np.abs(eager - script).max()) < 1e-5
+
+
 def test_describe_names_the_weights_and_their_training(network):
     info = network.describe()
     assert info["name"] == "identity-unet" and info["file"] == "identity_unet.pt"

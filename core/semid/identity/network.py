@@ -260,6 +260,53 @@ def _build(arch: dict[str, Any]) -> torch.nn.Module:
     return UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
 
 
+def scripted_path(digest: str) -> Path:
+    """Where the TorchScript export of the weights with sha256 ``digest`` is kept: the data folder's
+    ``models``, named by the weights' hash and the torch version (an export is only read by the torch
+    that wrote it)."""
+    from semid.data import data_dir
+
+    return data_dir() / "models" / f"identity_unet-{digest[:16]}-torch{torch.__version__.split('+')[0]}.ts"
+
+
+def _scripted(arch: dict[str, Any], state_dict: dict[str, torch.Tensor], digest: str) -> torch.nn.Module:
+    """The U-Net as a TorchScript module, from the export of these weights when there is one.
+
+    Why: ``import monai`` takes 6-10 s on a 2-core machine (it imports every submodule, ignite and
+    torch.distributed included), more than the whole de-identification of a head; a TorchScript module
+    runs the same MONAI U-Net with torch alone. The export is made from the MONAI network the first time
+    the weights are loaded (written to a temporary name and renamed, so a concurrent reader never sees
+    half a file); a folder that cannot be written only costs the MONAI import again next time.
+    """
+    path = scripted_path(digest)
+    with warnings.catch_warnings():
+        # torch 2.13 marks torch.jit deprecated in favour of torch.export, whose loader takes 2.2 s here
+        # against 0.1 s (most of what the export saves); the export is per torch version, and a torch
+        # without jit falls back to the MONAI network
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+        if path.is_file():
+            try:
+                return torch.jit.load(str(path), map_location="cpu")
+            except Exception:  # noqa: BLE001 - an unreadable export is rebuilt from the weights below
+                pass
+        net = _build(arch)
+        net.load_state_dict(state_dict)
+        net.eval()
+        try:
+            scripted = torch.jit.script(net)
+        except Exception:  # noqa: BLE001 - no TorchScript in this torch: the MONAI network itself
+            return net
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            torch.jit.save(scripted, str(tmp))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return scripted
+
+
 def _pad_to(x: torch.Tensor, multiple: int = 16) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Zero-pad the last three dims of ``x`` up to a multiple of ``multiple`` (background is 0)."""
     shape = tuple(int(s) for s in x.shape[-3:])
@@ -293,10 +340,13 @@ class IdentityNetwork:
         self.sha256: str | None = None  # of the loaded file (set by ``load``)
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str | torch.device | None = None) -> IdentityNetwork:
+    def load(cls, path: Path | str | None = None, device: str | torch.device | None = None,
+             scripted: bool = False) -> IdentityNetwork:
         """Weights saved by ``train`` (default: the committed ``semid/data/models/identity_unet.pt``).
 
         Read with ``torch.load(weights_only=True)``: a dict of ``state_dict`` and plain metadata.
+        ``scripted``: run the network as TorchScript (for inference: no MONAI import once the export
+        exists, see ``_scripted``); off, ``net`` is the MONAI ``UNet`` itself (for training).
 
         Raises:
             InputError: the file is missing or is not identity-network weights.
@@ -313,10 +363,18 @@ class IdentityNetwork:
             blob = None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("name") != NAME:
             raise InputError(f"{path.name} is not an identity-network weights file (format {FORMAT}).")
-        net = _build(blob["arch"])
-        net.load_state_dict(blob["state_dict"])
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            if scripted:
+                net = _scripted(blob["arch"], blob["state_dict"], digest)
+            else:
+                net = _build(blob["arch"])
+                net.load_state_dict(blob["state_dict"])
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{path.name} does not fit the identity network (its weights have other names or "
+                             "shapes): retrain it with `semid train identity`.") from exc
         model = cls(net, {k: v for k, v in blob.items() if k != "state_dict"}, device, path)
-        model.sha256 = hashlib.sha256(data).hexdigest()
+        model.sha256 = digest
         return model
 
     def describe(self) -> dict[str, Any]:
@@ -333,8 +391,6 @@ class IdentityNetwork:
 
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         """Probability (float32, same shape) of the identity region for a ``prepare``-d (z, y, x) array."""
-        from monai.inferers import sliding_window_inference
-
         self.net.eval()
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None].to(self.device)
         with torch.inference_mode(), warnings.catch_warnings():
@@ -344,6 +400,8 @@ class IdentityNetwork:
                 padded, shape = _pad_to(t)
                 logits = self.net(padded)[..., :shape[0], :shape[1], :shape[2]]
             else:
+                from monai.inferers import sliding_window_inference  # large fields of view only
+
                 logits = sliding_window_inference(t, (96, 96, 96), 1, self.net, overlap=0.25, mode="gaussian")
         return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
 
@@ -394,7 +452,7 @@ def load_cached(path: Path | str | None = None) -> IdentityNetwork:
         hit = _LOADED.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
-        net = IdentityNetwork.load(path)
+        net = IdentityNetwork.load(path, scripted=True)
         _LOADED[key] = (version, net)
         return net
 
