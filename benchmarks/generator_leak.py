@@ -6,23 +6,45 @@ visit 0, for one variant of SemID's learned fill:
 
 - ``normal``: as shipped;
 - ``zero-features``: the generator gets zeros instead of the decoupled encoder features;
-- ``atlas-mask``: ``B_p`` from the registered atlas only (no identity network).
+- ``atlas-mask``: ``B_p`` from the registered atlas only (no identity network);
+- ``fixed-box``: every subject gets the box the generator drew for the first one (the same face in the
+  atlas frame), mapped back by each subject's own atlas fit: what is left is the frame's leak;
+- ``similarity-frame``: the drawn box is mapped back by the nearest similarity (rotation, one scale,
+  translation) of the subject's affine fit instead of the fit itself: the face keeps its own proportions;
+- ``block-only``: ``B_p`` filled with air (the reference: what the rest of the head gives away).
 
-Usage: ``python benchmarks/generator_leak.py normal|zero-features|atlas-mask``.
+Usage: ``python benchmarks/generator_leak.py normal|zero-features|atlas-mask|fixed-box|similarity-frame|block-only``.
 """
 
 from __future__ import annotations
 
 import sys
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 
+from semid import compensation as comp
 from semid import phantoms as ph
 from semid.compensation import LearnedFill
 from semid.eval.attack_reid import ReidAttack
 from semid.pipeline import Deidentifier
 
-MODES = ("normal", "zero-features", "atlas-mask")
+MODES = ("normal", "zero-features", "atlas-mask", "fixed-box", "similarity-frame", "block-only")
+
+
+def nearest_similarity(transform: sitk.Transform) -> sitk.AffineTransform:
+    """The affine ``transform`` with its matrix replaced by the nearest rotation times the cube root of
+    its determinant (same centre and translation)."""
+    affine = sitk.AffineTransform(transform)
+    matrix = np.array(affine.GetMatrix()).reshape(3, 3)
+    u, _, vt = np.linalg.svd(matrix)
+    scale = abs(np.linalg.det(matrix)) ** (1 / 3)
+    out = sitk.AffineTransform(3)
+    out.SetCenter(affine.GetCenter())
+    out.SetMatrix((scale * (u @ vt)).ravel().tolist())
+    out.SetTranslation(affine.GetTranslation())
+    return out
 
 
 def main(mode: str) -> None:
@@ -33,6 +55,24 @@ def main(mode: str) -> None:
         semantics = fill.model.semantics
         features = semantics.features
         semantics.features = lambda box: [torch.zeros_like(f) for f in features(box)]
+    elif mode == "fixed-box":
+        model, first = fill.model, []
+        draw = model.fill
+
+        def fixed(box, mask, modality, code):  # noqa: ANN001, ANN202
+            if not first:
+                first.append(draw(box, mask, modality, code))
+            return first[0]
+
+        model.fill = fixed
+    elif mode == "similarity-frame":
+        back = comp.fb.from_box
+        comp.fb.from_box = lambda values, reference, to_template, *a, **k: back(
+            values, reference, nearest_similarity(to_template), *a, **k)
+    elif mode == "block-only":
+        from semid.eval.baselines import BlockFill
+
+        fill = BlockFill()
 
     def deidentify(image):
         return Deidentifier(1.0, fill=fill, identity="atlas" if mode == "atlas-mask" else "auto").run(image).image

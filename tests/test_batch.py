@@ -169,7 +169,8 @@ def runs(archive) -> dict:
     # moment later; tied to progress rather than the clock so that work is left for the last run on
     # fast and slow machines alike
     for target in sorted(rng.choice((0, 1)) for _ in range(3)):
-        proc = _start(src, out, log, "--workers", "1")
+        # two studies in flight on one worker's threads, their generator calls batched (`--threads`)
+        proc = _start(src, out, log, "--workers", "1", "--threads", "2")
         delay = rng.uniform(0.5, 3.0)
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline and not (

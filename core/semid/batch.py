@@ -232,6 +232,7 @@ class WorkerConfig:
     ocr: bool = True
     fill: str = "auto"
     report_dir: str = ""
+    threads: int = 1  # studies in flight per worker process; their model calls are batched together
 
 
 def _sha256(path: Path) -> str:
@@ -259,6 +260,8 @@ def process_study(study: Study, cfg: WorkerConfig, qc: bool = False) -> dict[str
     ``{"ok": False, "reason": one sentence}`` (a raised error would put the task's arguments, which
     hold source paths, in Dask's logs)."""
     _announce(study)
+    if cfg.threads > 1:
+        _batch_model_calls(cfg.threads)
     started = time.perf_counter()
     staging = Path(cfg.staging) / f"{study.key}-{uuid.uuid4().hex[:8]}"
     try:
@@ -282,6 +285,15 @@ def process_study(study: Study, cfg: WorkerConfig, qc: bool = False) -> dict[str
     result["seconds"] = round(time.perf_counter() - started, 3)
     result["pid"] = os.getpid()
     return result
+
+
+def _batch_model_calls(threads: int) -> None:
+    """Studies running on ``threads`` threads of this worker share the generator's forward passes."""
+    try:
+        from semid import compensation
+    except ImportError:  # no torch: only the plain fill, nothing to batch
+        return
+    compensation.set_call_batching(threads)
 
 
 def _checksums(folder: Path, prefix: str) -> dict[str, str]:
@@ -448,6 +460,7 @@ class BatchOptions:
     level: float | str = "high"
     workers: int = 1
     scheduler: str | None = None
+    threads: int = 1
     retries: int = 2
     key_file: str | None = None
     options: tuple[str, ...] = ()
@@ -516,9 +529,9 @@ def _key_check(key: ps.Key) -> str:
 
 
 @contextlib.contextmanager
-def dask_client(workers: int, scheduler: str | None, allowed_failures: int) -> Iterator[Any]:
-    """A Dask client: to ``scheduler`` if given, else to a local cluster of ``workers`` processes with one
-    thread each, listening on 127.0.0.1 only, without a dashboard; closed at the end."""
+def dask_client(workers: int, scheduler: str | None, allowed_failures: int, threads: int = 1) -> Iterator[Any]:
+    """A Dask client: to ``scheduler`` if given, else to a local cluster of ``workers`` processes with
+    ``threads`` threads each, listening on 127.0.0.1 only, without a dashboard; closed at the end."""
     import dask
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -537,7 +550,7 @@ def dask_client(workers: int, scheduler: str | None, allowed_failures: int) -> I
         return
     with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures,
                           "distributed.worker.daemon": True}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
                                dashboard_address=None, scheduler_port=0, silence_logs=logging.ERROR)
         client = Client(cluster)
         try:
@@ -593,6 +606,8 @@ def run_batch(opts: BatchOptions, say: Say | None = None) -> BatchSummary:
     Options.from_names(list(opts.options))
     if opts.workers < 1:
         raise InputError("--workers must be at least 1.")
+    if opts.threads < 1:
+        raise InputError("--threads must be at least 1.")
     if opts.retries < 0:
         raise InputError("--retries must be 0 or more.")
     source, home, report_dir = _check_paths(opts)
@@ -642,7 +657,7 @@ def _run_locked(opts: BatchOptions, level: float, key: ps.Key, studies: list[Stu
     cfg = WorkerConfig(level=level, key=key, out="" if _is_url(opts.out) else str(home.resolve()),
                        staging=str(staging.resolve()), out_url=opts.out if _is_url(opts.out) else "",
                        options=tuple(opts.options), ocr=opts.ocr, fill=opts.fill,
-                       report_dir=str(report_dir.resolve()) if opts.qc_sample > 0 else "")
+                       report_dir=str(report_dir.resolve()) if opts.qc_sample > 0 else "", threads=opts.threads)
     if todo:
         if opts.qc_sample > 0:
             (report_dir / "report").mkdir(parents=True, exist_ok=True)
@@ -671,7 +686,7 @@ def _execute(opts: BatchOptions, todo: list[Study], cfg: WorkerConfig, qc_keys: 
     events: queue.Queue = queue.Queue()
     progress = _Progress(len(todo), opts.quiet)
     try:
-        with dask_client(opts.workers, opts.scheduler, max_attempts) as client:
+        with dask_client(opts.workers, opts.scheduler, max_attempts, opts.threads) as client:
             client.subscribe_topic(EVENT_TOPIC, events.put)
             by_future: dict[Any, Study] = {}
 

@@ -185,6 +185,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     summary = run_batch(BatchOptions(
         source=args.source, out=args.out, level=args.level, workers=args.workers, scheduler=args.scheduler,
+        threads=args.threads,
         retries=args.retries, key_file=args.key_file, options=tuple(args.option or ()), ocr=not args.no_ocr,
         fill=args.fill, qc_sample=args.qc_sample, report_dir=args.report, work=args.work, quiet=args.quiet), say)
     print(summary.text())
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1)")
     where.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:PORT) instead")
+    p.add_argument("--threads", type=int, default=1,
+                   help="studies in flight per worker, their generator calls batched into one forward pass "
+                        "(default 1; e.g. 4 on a GPU worker; with --scheduler, start workers with as many threads)")
     p.add_argument("--retries", type=int, default=2, help="times a failed study is tried again (default 2)")
     p.add_argument("--key-file", help="secret key for pseudonyms (as in deidentify-dicom)")
     p.add_argument("--option", action="append", metavar="NAME", help="DICOM profile option (as in deidentify-dicom)")

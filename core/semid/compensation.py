@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -487,6 +488,9 @@ class Compensator:
     meta: dict
     source: Path
     device: torch.device
+    #: set by ``batch_calls``: concurrent ``fill``/``similarity`` calls share one forward pass
+    _fill_batcher: Any = field(default=None, repr=False)
+    _similarity_batcher: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto") -> Compensator:
@@ -521,23 +525,50 @@ class Compensator:
                              "shapes): retrain it with `semid train generator`.") from exc
         return cls(gen, critic, semantics, meta, path, dev)
 
-    @torch.no_grad()
     def fill(self, box: np.ndarray, mask: np.ndarray, modality: int, code: np.ndarray) -> np.ndarray:
         """The generator's box (D, H, W) for a normalised ``box`` and its block ``mask`` (bool)."""
-        x = torch.from_numpy(np.ascontiguousarray(box, np.float32)).to(self.device)[None, None]
-        m = torch.from_numpy(np.ascontiguousarray(mask, np.float32)).to(self.device)[None, None]
-        feats = self.semantics.features(x)
-        pred = self.generator(x * (1 - m), m, box_coordinates(box.shape, self.device), feats,
-                              torch.from_numpy(np.asarray(code, np.float32)).to(self.device)[None],
-                              torch.as_tensor([int(modality)], device=self.device))
-        return pred[0, 0].cpu().numpy()
+        args = (box, mask, int(modality), code)
+        return self._fill_batcher(args) if self._fill_batcher else self.fill_many([args])[0]
 
     @torch.no_grad()
+    def fill_many(self, calls: Sequence[tuple[np.ndarray, np.ndarray, int, np.ndarray]]) -> list[np.ndarray]:
+        """``fill`` for several (box, mask, modality, code) at once: one forward pass over (B, 1, D, H, W).
+
+        The generator (instance norm), encoder and decoupler treat each box on its own, so a box's answer
+        does not depend on the others in its batch (up to float rounding of batched kernels).
+        """
+        x = torch.from_numpy(np.stack([np.asarray(c[0], np.float32) for c in calls])).to(self.device)[:, None]
+        m = torch.from_numpy(np.stack([np.asarray(c[1], np.float32) for c in calls])).to(self.device)[:, None]
+        code = torch.from_numpy(np.stack([np.asarray(c[3], np.float32) for c in calls])).to(self.device)
+        modality = torch.as_tensor([int(c[2]) for c in calls], device=self.device)
+        feats = self.semantics.features(x)
+        coords = box_coordinates(x.shape[2:], self.device).expand(len(calls), -1, -1, -1, -1)
+        pred = self.generator(x * (1 - m), m, coords, feats, code, modality)
+        return list(pred[:, 0].cpu().numpy())
+
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         """The identity critic's cosine similarity of two normalised boxes (1 = same person to it)."""
-        x = torch.from_numpy(np.stack([a, b]).astype(np.float32)).to(self.device)[:, None]
-        e = self.critic(F.avg_pool3d(x, 2))
-        return float((e[0] * e[1]).sum())
+        return self._similarity_batcher((a, b)) if self._similarity_batcher else self.similarity_many([(a, b)])[0]
+
+    @torch.no_grad()
+    def similarity_many(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+        """``similarity`` of several pairs in one forward pass of the critic."""
+        x = torch.from_numpy(np.stack([np.asarray(v, np.float32) for pair in pairs for v in pair]))
+        e = self.critic(F.avg_pool3d(x.to(self.device)[:, None], 2))
+        return [float(v) for v in (e[0::2] * e[1::2]).sum(dim=1).cpu()]
+
+    def batch_calls(self, max_batch: int, max_wait_s: float = 0.02) -> Compensator:
+        """Let concurrent threads share forward passes (``semid.microbatch``): up to ``max_batch`` calls
+        of ``fill`` (and of ``similarity``) that arrive within ``max_wait_s`` run as one batch. 1 turns
+        it off. For a worker that runs several studies at once on one GPU (``semid batch --threads``)."""
+        from semid.microbatch import MicroBatcher
+
+        if max_batch <= 1:
+            self._fill_batcher = self._similarity_batcher = None
+        elif self._fill_batcher is None or self._fill_batcher.max_batch != max_batch:
+            self._fill_batcher = MicroBatcher(self.fill_many, max_batch, max_wait_s)
+            self._similarity_batcher = MicroBatcher(self.similarity_many, 2 * max_batch, max_wait_s)
+        return self
 
     def describe(self) -> dict:
         return {"generator": self.source.name, "sha256": _sha256(self.source)[:16],
@@ -545,18 +576,32 @@ class Compensator:
                 **self.semantics.describe()}
 
 
+#: Calls of ``fill``/``similarity`` that concurrent threads of this process may share (``set_call_batching``).
+_CALL_BATCH = 1
+_LOAD_LOCK = threading.Lock()
+
+
+def set_call_batching(max_batch: int) -> None:
+    """From now on, the models ``load_cached`` returns batch up to ``max_batch`` concurrent calls
+    (``Compensator.batch_calls``); a batch worker running ``max_batch`` studies on threads sets it."""
+    global _CALL_BATCH
+    _CALL_BATCH = max(1, int(max_batch))
+
+
 def load_cached(path: str | Path | None = None, device: str = "auto") -> Compensator:
     """``Compensator.load`` once per process, weights file version and device: every fill of a process
-    (e.g. a batch worker's, one study after another, or the DICOM tree's one per series) shares one
-    copy of the generator, on the GPU when ``device`` is "auto" and CUDA is available. The file's
-    (inode, mtime, size) is part of the key, so weights replaced on disk are loaded again."""
+    (e.g. a batch worker's, one study after another or several on threads, or the DICOM tree's one
+    per series) shares one copy of the generator, on the GPU when ``device`` is "auto" and CUDA is
+    available. The file's (inode, mtime, size) is part of the key, so weights replaced on disk are
+    loaded again."""
     path = Path(path) if path else DEFAULT_WEIGHTS
     try:
         st = path.stat()
         version = (st.st_ino, st.st_mtime_ns, st.st_size)
     except OSError:
         version = None  # missing: Compensator.load says so in one sentence
-    return _load_cached(str(path), version, str(_device(device)))
+    with _LOAD_LOCK:  # threads starting together must not load two copies
+        return _load_cached(str(path), version, str(_device(device))).batch_calls(_CALL_BATCH)
 
 
 @functools.lru_cache(maxsize=2)
