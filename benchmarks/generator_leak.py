@@ -4,16 +4,22 @@ Runs attacker A2 (static, and adaptive: fine-tuned 45 steps on the method's outp
 subjects, as ``semid bench --quick`` does) on visit 1 of the 10 subjects of seed 2026, against their
 visit 0, for one variant of SemID's learned fill:
 
-- ``normal``: as shipped;
+- ``normal``: as shipped (the drawn face mapped back in the fit's pose, ``LearnedFill(frame="pose")``);
+- ``fit-frame``: the drawn face mapped back by the subject's full affine fit (``frame="fit"``, the first
+  version);
 - ``zero-features``: the generator gets zeros instead of the decoupled encoder features;
 - ``atlas-mask``: ``B_p`` from the registered atlas only (no identity network);
 - ``fixed-box``: every subject gets the box the generator drew for the first one (the same face in the
   atlas frame), mapped back by each subject's own atlas fit: what is left is the frame's leak;
 - ``similarity-frame``: the drawn box is mapped back by the nearest similarity (rotation, one scale,
   translation) of the subject's affine fit instead of the fit itself: the face keeps its own proportions;
+- ``rigid-frame``: the same with the nearest rotation only (the atlas's size and proportions);
+- ``rigid-fixed-box``: ``fixed-box`` mapped back by the nearest rotation (what is left once neither the
+  face nor its frame depends on the subject);
+- ``pose-fixed-box``: ``fixed-box`` drawn in the pose frame as shipped;
 - ``block-only``: ``B_p`` filled with air (the reference: what the rest of the head gives away).
 
-Usage: ``python benchmarks/generator_leak.py normal|zero-features|atlas-mask|fixed-box|similarity-frame|block-only``.
+Usage: ``python benchmarks/generator_leak.py MODE`` (one of ``MODES``).
 """
 
 from __future__ import annotations
@@ -30,16 +36,17 @@ from semid.compensation import LearnedFill
 from semid.eval.attack_reid import ReidAttack
 from semid.pipeline import Deidentifier
 
-MODES = ("normal", "zero-features", "atlas-mask", "fixed-box", "similarity-frame", "block-only")
+MODES = ("normal", "fit-frame", "zero-features", "atlas-mask", "fixed-box", "similarity-frame", "rigid-frame",
+         "rigid-fixed-box", "pose-fixed-box", "block-only")
 
 
-def nearest_similarity(transform: sitk.Transform) -> sitk.AffineTransform:
+def nearest_similarity(transform: sitk.Transform, keep_scale: bool = True) -> sitk.AffineTransform:
     """The affine ``transform`` with its matrix replaced by the nearest rotation times the cube root of
-    its determinant (same centre and translation)."""
+    its determinant (``keep_scale``) or by the rotation alone; same centre and translation."""
     affine = sitk.AffineTransform(transform)
     matrix = np.array(affine.GetMatrix()).reshape(3, 3)
     u, _, vt = np.linalg.svd(matrix)
-    scale = abs(np.linalg.det(matrix)) ** (1 / 3)
+    scale = abs(np.linalg.det(matrix)) ** (1 / 3) if keep_scale else 1.0
     out = sitk.AffineTransform(3)
     out.SetCenter(affine.GetCenter())
     out.SetMatrix((scale * (u @ vt)).ravel().tolist())
@@ -50,12 +57,13 @@ def nearest_similarity(transform: sitk.Transform) -> sitk.AffineTransform:
 def main(mode: str) -> None:
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {', '.join(MODES)}")
-    fill = LearnedFill()
+    # the experiments below change the first version's drawing (frame "fit") one thing at a time
+    fill = LearnedFill(frame="pose" if mode in ("normal", "pose-fixed-box") else "fit")
     if mode == "zero-features":
         semantics = fill.model.semantics
         features = semantics.features
         semantics.features = lambda box: [torch.zeros_like(f) for f in features(box)]
-    elif mode == "fixed-box":
+    if mode in ("fixed-box", "rigid-fixed-box", "pose-fixed-box"):
         model, first = fill.model, []
         draw = model.fill
 
@@ -65,10 +73,10 @@ def main(mode: str) -> None:
             return first[0]
 
         model.fill = fixed
-    elif mode == "similarity-frame":
-        back = comp.fb.from_box
+    if mode in ("similarity-frame", "rigid-frame", "rigid-fixed-box"):
+        back, keep = comp.fb.from_box, mode == "similarity-frame"
         comp.fb.from_box = lambda values, reference, to_template, *a, **k: back(
-            values, reference, nearest_similarity(to_template), *a, **k)
+            values, reference, nearest_similarity(to_template, keep), *a, **k)
     elif mode == "block-only":
         from semid.eval.baselines import BlockFill
 

@@ -614,6 +614,9 @@ def _load_cached(path: str, version: tuple | None, device: str) -> Compensator:
 #: if too close to the real one).
 SYNTHETIC_TRIES = 5
 SYNTHETIC_MARGIN = 0.5
+#: Band (mm) inside ``B_p`` over which the drawn face turns from the subject's fit into its pose
+#: (``facebox.pose_frame``, ``frame="pose"``).
+FRAME_BLEND_MM = 15.0
 
 
 @dataclass
@@ -625,11 +628,16 @@ class LearnedFill:
     prior with ``seed``, redrawn while the identity critic finds it closer than ``SYNTHETIC_MARGIN`` to
     the source) with the medicine the decoupled features carry, and its box is resampled back onto the
     subject's grid. Voxels of ``B_p`` that fall outside the box keep the plain surface fill.
+
+    ``frame="pose"`` (default) maps the drawn box back by the fit's pose deep inside ``B_p`` and by the
+    fit itself where it meets the subject's tissue (``facebox.pose_frame``), so the face does not take on
+    the subject's proportions; ``"fit"`` maps it by the fit everywhere (the first version's behaviour).
     """
 
     weights: str | Path | None = None
     identity: str = "default"
     device: str = "auto"
+    frame: str = "pose"
     name: str = "learned"
     description: str = ("SemID learned compensation: blocked identity region refilled by a generator from "
                         "decoupled medical-encoder features")
@@ -638,6 +646,8 @@ class LearnedFill:
     def __post_init__(self) -> None:
         if self.identity not in ("default", "synthetic"):
             raise ValueError(f"identity must be 'default' or 'synthetic', not {self.identity!r}")
+        if self.frame not in ("pose", "fit"):
+            raise ValueError(f"frame must be 'pose' or 'fit', not {self.frame!r}")
 
     @property
     def model(self) -> Compensator:
@@ -674,8 +684,12 @@ class LearnedFill:
             if self.identity == "default" or similarity < SYNTHETIC_MARGIN or tries >= SYNTHETIC_TRIES:
                 break
         blocked_only = model.similarity(np.where(mask, 0.0, box), box)
-        values = scale.restore(fb.from_box(pred, ctx.roi, ctx.location.to_atlas, default=-1.0))
-        inside_box = fb.from_box(np.ones(fb.BOX_SHAPE, np.float32), ctx.roi, ctx.location.to_atlas) > 0.99
+        if self.frame == "pose":  # the face keeps the atlas's proportions, not the subject's
+            back = fb.pose_frame(ctx.roi, fit, ctx.blocked, ctx.head, FRAME_BLEND_MM)
+        else:
+            back = ctx.location.to_atlas
+        values = scale.restore(fb.from_box(pred, ctx.roi, back, default=-1.0))
+        inside_box = fb.from_box(np.ones(fb.BOX_SHAPE, np.float32), ctx.roi, back) > 0.99
         if (ctx.blocked & ~inside_box).any():
             filled = np.where(inside_box, values, np.asarray(SurfaceFill()(ctx), np.float32))
         else:  # the usual case: the whole block lies in the face box
@@ -683,7 +697,7 @@ class LearnedFill:
         from semid.semantics.decoupling import identity_bits_left
 
         bits_left = identity_bits_left(model.semantics.decoupler)
-        record = {"compensation": model.describe(), "identity_mode": self.identity,
+        record = {"compensation": model.describe(), "identity_mode": self.identity, "drawing_frame": self.frame,
                   "identity_code_tries": tries,
                   "residual_risk": {"critic_similarity_output_to_input": round(similarity, 4),
                                     "critic_similarity_block_only": round(blocked_only, 4),

@@ -105,6 +105,88 @@ def from_box(values: np.ndarray, reference: sitk.Image, subject_to_template: sit
                                                 sitk.sitkFloat32))
 
 
+def rigid_part(template_to_subject: sitk.Transform) -> sitk.AffineTransform:
+    """The pose of an affine fit: its matrix replaced by the nearest rotation (polar decomposition), same
+    centre and translation, so the box centre lands where the fit puts it, with the atlas's size and
+    proportions instead of the subject's."""
+    affine = sitk.AffineTransform(template_to_subject)
+    u, _, vt = np.linalg.svd(np.array(affine.GetMatrix()).reshape(3, 3))
+    rot = u @ vt
+    if np.linalg.det(rot) < 0:  # a mirrored fit keeps its reflection rather than flipping the face
+        u[:, -1] *= -1
+        rot = u @ vt
+    out = sitk.AffineTransform(3)
+    out.SetCenter(affine.GetCenter())
+    out.SetMatrix(rot.ravel().tolist())
+    out.SetTranslation(affine.GetTranslation())
+    return out
+
+
+#: Grid (mm) of the pose frame's displacement field; the field is smooth, 2 mm like the box.
+FRAME_GRID_MM = 2.0
+
+
+def pose_frame(reference: sitk.Image, template_to_subject: sitk.Transform, blocked: np.ndarray,
+               head: np.ndarray, blend_mm: float) -> sitk.Transform:
+    """Subject -> template points for drawing the box back onto ``reference`` (the subject's ROI) in the
+    fit's *pose* rather than the fit itself, except where the drawing meets the subject's own tissue.
+
+    The affine fit carries the subject's head proportions (width, height, depth of the face); a face
+    drawn in the atlas frame and mapped back by it takes them on, and an adaptive attacker reads them
+    (``benchmarks/generator_leak.py``: a fixed drawn face mapped by each fit is re-identified almost as
+    well as the real fill). Here each point of ``B_p`` is mapped by a blend of the fit (weight 0) and
+    its rotation-only part (``rigid_part``, weight 1), the weight growing from 0 at the head tissue
+    outside ``B_p`` to 1 at ``blend_mm`` from it, so the drawn face joins the subject's cheeks, forehead
+    and ears without a step and has the atlas's proportions inside. Outside ``B_p`` it is the fit.
+
+    Args:
+        reference: the ROI grid the values go to.
+        template_to_subject: the atlas fit (``Location.fit.transform``).
+        blocked, head: ``B_p`` and the head mask, boolean (z, y, x) on ``reference``.
+        blend_mm: width of the band over which the frame turns from the fit into its pose.
+
+    Returns:
+        a displacement-field transform (on a ``FRAME_GRID_MM`` grid over ``reference``).
+    """
+    size = [max(2, int(np.ceil(n * s / FRAME_GRID_MM)) + 2) for n, s in
+            zip(reference.GetSize(), reference.GetSpacing(), strict=True)]
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    # one coarse voxel outside the reference on each side, so linear interpolation covers its edges
+    origin = np.array(reference.GetOrigin()) - direction @ np.full(3, FRAME_GRID_MM)
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetSpacing([FRAME_GRID_MM] * 3)
+    grid.SetOrigin(origin.tolist())
+    grid.SetDirection(reference.GetDirection())
+
+    def coarse(mask: np.ndarray) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.asarray(mask, np.uint8))
+        img.CopyInformation(reference)
+        return sitk.Resample(img, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+    blocked_c = sitk.GetArrayFromImage(coarse(blocked)) > 0
+    anchor = coarse(np.asarray(head, bool) & ~np.asarray(blocked, bool))
+    if sitk.GetArrayViewFromImage(anchor).any():
+        dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+            anchor, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    else:  # no tissue outside B_p in view: nothing to join
+        dist = np.full(blocked_c.shape, np.inf, np.float32)
+    weight = np.where(blocked_c, np.clip(dist / blend_mm, 0.0, 1.0), 0.0)[..., None]
+
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij"), axis=-1)[..., ::-1]
+    points = origin + (index * FRAME_GRID_MM) @ direction.T  # (z, y, x, 3) world points of the grid
+
+    def inverse_points(transform: sitk.AffineTransform) -> np.ndarray:
+        matrix = np.array(transform.GetMatrix()).reshape(3, 3)
+        centre, shift = np.array(transform.GetCenter()), np.array(transform.GetTranslation())
+        return (points - centre - shift) @ np.linalg.inv(matrix).T + centre
+
+    fit = sitk.AffineTransform(template_to_subject)
+    target = (1.0 - weight) * inverse_points(fit) + weight * inverse_points(rigid_part(fit))
+    field = sitk.GetImageFromArray((target - points).astype(np.float64), isVector=True)
+    field.CopyInformation(grid)
+    return sitk.DisplacementFieldTransform(field)
+
+
 # ------------------------------------------------------------------------------------- phantom samples
 
 #: Seed of the populations the learned parts train on (not the benchmark's 2026, not A2's 4242, not U1's 1).
