@@ -201,6 +201,30 @@ class OrthancServer:
                 if response.status_code != 200:
                     raise RuntimeError(f"Orthanc refused {path.name}: {response.status_code} {response.text[:200]}")
 
+    def series_uids(self) -> set[str]:
+        """The Series Instance UID of every series Orthanc holds (through the REST API)."""
+        import requests
+
+        with requests.Session() as session:
+            return {session.get(f"{self.url}/series/{i}", timeout=30).json()["MainDicomTags"]["SeriesInstanceUID"]
+                    for i in session.get(f"{self.url}/series", timeout=30).json()}
+
+    def series_files(self, series_uid: str, folder: Path) -> list[Path]:
+        """Download the stored files of one series through the REST API into ``folder``."""
+        import requests
+
+        found = requests.post(f"{self.url}/tools/lookup", data=series_uid, timeout=30).json()
+        series_id = next(item["ID"] for item in found if item["Type"] == "Series")
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        with requests.Session() as session:
+            instances = session.get(f"{self.url}/series/{series_id}", timeout=30).json()["Instances"]
+            for k, instance in enumerate(instances):
+                path = folder / f"{k:05d}.dcm"
+                path.write_bytes(session.get(f"{self.url}/instances/{instance}/file", timeout=30).content)
+                files.append(path)
+        return files
+
     def stored(self) -> dict[str, str]:
         """Every instance Orthanc holds: its id -> sha256 of the stored file (through the REST API)."""
         import hashlib

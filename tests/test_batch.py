@@ -25,55 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
+from dicom_studies import corrupt_study, head_study
 from servers import stop_process_group
 
 CANARIES = (b"QXDOE", b"QXJOHN", b"QXID4711", b"19610312", b"QXHOSPITAL", b"QXROE", b"QXID0815")
 KEY = "batch-test-key-0123456789abcdef"
 SEMID = [sys.executable, "-m", "semid.cli"]
 MANIFEST = "semid_manifest.sqlite"
-
-
-def _phantom_dicom(image, folder: Path, patient: str, patient_id: str) -> None:
-    """Write ``image`` as a DICOM series and give it a patient's identity (the canary PHI)."""
-    from semid.io import write_volume
-
-    write_volume(image, folder)
-    for path in sorted(folder.iterdir()):
-        ds = pydicom.dcmread(path)
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient, patient_id, "19610312"
-        ds.InstitutionName = "QXHOSPITAL"
-        ds.StudyDescription = f"head MR {patient} {patient_id}"
-        for keyword in ("PatientIdentityRemoved", "DeidentificationMethod"):
-            if keyword in ds:
-                delattr(ds, keyword)
-        ds.save_as(path, write_like_original=False)
-
-
-def _corrupt_study(folder: Path) -> None:
-    """Three CT slices whose headers read but whose pixel data is cut short (a truncated transfer)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    for k in range(3):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "QXROE^QXJOHN", "QXID0815", "19610312"
-        ds.Rows = ds.Columns = 64
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = np.zeros((16, 64), np.int16).tobytes()  # a quarter of the image
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(folder / f"QXROE_{k}.dcm", write_like_original=False)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +45,10 @@ def archive(tmp_path_factory) -> tuple[Path, dict]:
     src = root / "archive"
     pop = Population(4, seed=11)
     for i, (name, pid) in enumerate((("QXDOE^QXJOHN", "QXID4711"), ("QXDOE^QXJANE", "QXID4712"))):
-        _phantom_dicom(pop.subject(i).visit(0, "MR").image, src / f"{name.replace('^', '_')}" / "MR", name, pid)
+        head_study(pop.subject(i).visit(0, "MR").image, src / f"{name.replace('^', '_')}" / "MR", name, pid)
     for i in (2, 3):
         write_volume(pop.subject(i).visit(0, "MR").image, src / "nifti" / f"QXDOE_QXID47{i}_19610312.nii.gz")
-    _corrupt_study(src / "QXROE_QXID0815")
+    corrupt_study(src / "QXROE_QXID0815", file_prefix="QXROE_")  # PHI in file names too
     expected = {"dicom_instances": sum(1 for p in src.rglob("*") if p.is_file() and "QXROE" not in str(p)
                                        and not p.name.endswith(".nii.gz")),
                 "studies": 5, "good": 4}

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import requests
 import SimpleITK as sitk
+from dicom_studies import corrupt_study, head_study
 from servers import OrthancServer, free_loopback_port, orthanc_missing, orthanc_server, stop_process_group, tail
 
 from semid.batch import study_key
@@ -63,74 +63,6 @@ class Pacs:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _head_study(image: sitk.Image, folder: Path, patient: str, patient_id: str) -> list[Path]:
-    """Write ``image`` as a DICOM series of a study of its own and give it a patient's identity (canaries)."""
-    from semid.io import write_volume
-
-    files = sorted(write_volume(image, folder).iterdir())
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient, patient_id, "19610312"
-        ds.InstitutionName, ds.ReferringPhysicianName, ds.AccessionNumber = "QXHOSPITAL", "QXDRWHO", "QXACC99"
-        ds.StudyDescription = f"head MR {patient} {patient_id}"
-        # a hospital's patient, not SemID's output (which the DICOMweb listing leaves out)
-        for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"):
-            if keyword in ds:
-                del ds[keyword]
-        ds.save_as(path, write_like_original=False)
-    return files
-
-
-def _corrupt_study(folder: Path) -> list[Path]:
-    """Three CT slices whose headers read but whose pixel data is cut short (a truncated transfer)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    files = []
-    for k in range(3):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "QXROE^QXJOHN", "QXID0815", "19610312"
-        ds.InstanceNumber = k + 1
-        ds.Rows = ds.Columns = 64
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = np.zeros((16, 64), np.int16).tobytes()  # a quarter of the image
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        path = folder / f"CT{k}.dcm"
-        ds.save_as(path, write_like_original=False)
-        files.append(path)
-    return files
-
-
-def _series_uids(orthanc: OrthancServer) -> set[str]:
-    with requests.Session() as session:
-        return {session.get(f"{orthanc.url}/series/{i}", timeout=30).json()["MainDicomTags"]["SeriesInstanceUID"]
-                for i in session.get(f"{orthanc.url}/series", timeout=30).json()}
-
-
-def _series_files(orthanc: OrthancServer, series_uid: str, folder: Path) -> list[Path]:
-    """Download the stored files of one series through Orthanc's REST API into ``folder``."""
-    found = requests.post(f"{orthanc.url}/tools/lookup", data=series_uid, timeout=30).json()
-    series_id = next(item["ID"] for item in found if item["Type"] == "Series")
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    with requests.Session() as session:
-        instances = session.get(f"{orthanc.url}/series/{series_id}", timeout=30).json()["Instances"]
-        for k, instance in enumerate(instances):
-            path = folder / f"{k:05d}.dcm"
-            path.write_bytes(session.get(f"{orthanc.url}/instances/{instance}/file", timeout=30).content)
-            files.append(path)
-    return files
 
 
 def _read_series(folder: Path) -> sitk.Image:
@@ -234,9 +166,9 @@ def pacs(dask_cluster: Dask, tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("batch_dicomweb")
     pop = Population(2, seed=21)
-    files = {f"head{i}": _head_study(pop.subject(i).visit(0, "MR").image, root / "heads" / f"study{i}" / "MR",
+    files = {f"head{i}": head_study(pop.subject(i).visit(0, "MR").image, root / "heads" / f"study{i}" / "MR",
                                      name, pid) for i, (name, pid) in enumerate(PATIENTS)}
-    files["corrupt"] = _corrupt_study(root / "corrupt")
+    files["corrupt"] = corrupt_study(root / "corrupt")
     uids = {name: str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
             for name, paths in files.items()}
     with ExitStack() as stack:
@@ -272,13 +204,13 @@ def from_orthanc(pacs: Pacs, dask_cluster: Dask) -> dict:
 def to_orthanc(pacs: Pacs, dask_cluster: Dask, from_orthanc) -> dict:
     """SOURCE = the heads' folder, OUT = Orthanc with --work: the run, a rerun, and Orthanc's state."""
     work = pacs.root / "work"
-    series_before = _series_uids(pacs.orthanc)
+    series_before = pacs.orthanc.series_uids()
     first = _batch(dask_cluster.address, str(pacs.heads), pacs.orthanc.dicomweb_url, "--work", str(work))
     rows = _manifest(work)
     stored = pacs.orthanc.stored()
     again = _batch(dask_cluster.address, str(pacs.heads), pacs.orthanc.dicomweb_url, "--work", str(work))
     return {"work": work, "first": first, "rows": rows, "series_before": series_before,
-            "series_after": _series_uids(pacs.orthanc), "stored": stored, "again": again,
+            "series_after": pacs.orthanc.series_uids(), "stored": stored, "again": again,
             "rows_again": _manifest(work), "stored_again": pacs.orthanc.stored()}
 
 
@@ -358,7 +290,7 @@ def test_orthanc_destination_gets_new_clean_series_with_the_source_geometry(pacs
     for i in range(len(PATIENTS)):
         source = pacs.heads / f"study{i}" / "MR"
         (uid,) = json.loads(rows[study_key(key, pacs.study_uids[f"head{i}"])]["series_uids"])
-        files = _series_files(pacs.orthanc, uid, tmp_path / f"s{i}")
+        files = pacs.orthanc.series_files(uid, tmp_path / f"s{i}")
         added += len(files)
         assert len(files) == len(list(source.iterdir()))
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]

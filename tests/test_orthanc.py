@@ -103,27 +103,6 @@ def _unsigned_ct(files: list[Path]) -> None:
         ds.save_as(path, write_like_original=False)
 
 
-def _series_files(orthanc: OrthancServer, series_uid: str, folder: Path) -> list[Path]:
-    """Download the stored files of one series through Orthanc's REST API into ``folder``."""
-    found = requests.post(f"{orthanc.url}/tools/lookup", data=series_uid, timeout=30).json()
-    series_id = next(item["ID"] for item in found if item["Type"] == "Series")
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for k, instance in enumerate(requests.get(f"{orthanc.url}/series/{series_id}", timeout=30).json()["Instances"]):
-        path = folder / f"{k:05d}.dcm"
-        path.write_bytes(requests.get(f"{orthanc.url}/instances/{instance}/file", timeout=30).content)
-        files.append(path)
-    return files
-
-
-def _series_uids(orthanc: OrthancServer) -> set[str]:
-    uids = set()
-    for series_id in requests.get(f"{orthanc.url}/series", timeout=30).json():
-        uids.add(requests.get(f"{orthanc.url}/series/{series_id}", timeout=30).json()["MainDicomTags"]
-                 ["SeriesInstanceUID"])
-    return uids
-
-
 def _read_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
@@ -236,11 +215,11 @@ def test_datastore_lists_mr_and_ct_without_phi(pacs: Pacs) -> None:
 
 def test_deidentified_series_is_stored_as_a_new_clean_series(pacs: Pacs, deidentified, tmp_path: Path) -> None:
     source_uids = set(pacs.series.values())
-    assert _series_uids(pacs.orthanc) == source_uids | {d["series_uid"] for d in deidentified.values()}
+    assert pacs.orthanc.series_uids() == source_uids | {d["series_uid"] for d in deidentified.values()}
     for name in ("MR", "CT"):
         new_uid = deidentified[name]["series_uid"]
         assert new_uid not in source_uids and deidentified[name]["label_info"]["instances"] == 128
-        files = _series_files(pacs.orthanc, new_uid, tmp_path / name)
+        files = pacs.orthanc.series_files(new_uid, tmp_path / name)
         source_files = sorted(pacs.inputs[name].iterdir())
         assert len(files) == len(source_files) == 128
 
@@ -294,19 +273,19 @@ def test_ids_outside_the_listing_are_refused(pacs: Pacs, image_id: str) -> None:
 
 
 def test_a_series_with_no_head_gets_a_clear_error(pacs: Pacs) -> None:
-    series_before = _series_uids(pacs.orthanc)
+    series_before = pacs.orthanc.series_uids()
     response = _infer(pacs.server, pacs.series["nohead"])
     assert response.status_code == 422, response.text
     assert "head" in _one_sentence(response).lower()
-    assert _series_uids(pacs.orthanc) == series_before
+    assert pacs.orthanc.series_uids() == series_before
 
 
 def test_a_corrupt_instance_gets_a_clear_error(pacs: Pacs) -> None:
-    series_before = _series_uids(pacs.orthanc)
+    series_before = pacs.orthanc.series_uids()
     response = _infer(pacs.server, pacs.series["corrupt"])
     assert response.status_code == 422, response.text
     assert "damaged" in _one_sentence(response)
-    assert _series_uids(pacs.orthanc) == series_before
+    assert pacs.orthanc.series_uids() == series_before
 
 
 def test_dicomweb_errors_are_one_sentence(pacs: Pacs, tmp_path: Path) -> None:
@@ -330,7 +309,7 @@ def test_dicomweb_errors_are_one_sentence(pacs: Pacs, tmp_path: Path) -> None:
 
 
 def test_batch_goes_on_past_bad_studies(pacs: Pacs, deidentified) -> None:
-    series_before = _series_uids(pacs.orthanc)
+    series_before = pacs.orthanc.series_uids()
     images = [pacs.series["corrupt"], pacs.series["nohead"], pacs.series["CT"]]
     response = requests.post(f"{pacs.server.url}/batch/infer/deidentify", params={"run_sync": "true"},
                              json={"images": images, "level": "medium"}, timeout=INFER_TIMEOUT_S)
@@ -342,7 +321,7 @@ def test_batch_goes_on_past_bad_studies(pacs: Pacs, deidentified) -> None:
     assert "head" in results[pacs.series["nohead"]]["reason"].lower()
     assert results[pacs.series["CT"]]["status"] == "done"
     # the CT at another level is another de-identified series (its UIDs follow the pixels)
-    new = _series_uids(pacs.orthanc) - series_before
+    new = pacs.orthanc.series_uids() - series_before
     assert len(new) == 1 and not new & set(pacs.series.values())
     objects = requests.get(f"{pacs.server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
     assert objects[pacs.series["CT"]]["labels"]["deid"]["info"]["SeriesInstanceUID"] in new
@@ -379,7 +358,7 @@ def test_series_writer_refuses_a_volume_of_another_geometry(pacs: Pacs, tmp_path
 def test_originals_in_orthanc_are_untouched(pacs: Pacs, deidentified) -> None:
     after = pacs.orthanc.stored()
     assert {i: after.get(i) for i in pacs.before} == pacs.before, "an original instance changed or disappeared"
-    added = _series_uids(pacs.orthanc) - set(pacs.series.values())
+    added = pacs.orthanc.series_uids() - set(pacs.series.values())
     assert len(added) >= 2 and len(after) == len(pacs.before) + 128 * len(added)
 
 
