@@ -85,6 +85,10 @@ class SemIDDicomWebDatastore(DICOMWebDatastore):
         self._verdicts: dict[str, bool] = {}  # series UID -> is SemID's own output (judged once)
         self._list_lock = threading.Lock()
         self._fetch_lock = threading.Lock()
+        # one writer of the image table at a time: MONAI Label's file watcher reconciles it on its own
+        # thread when a fetched series lands in the cache, while a request's thread refreshes and updates
+        # it; two at once changed the table under an iteration ("dictionary changed size", a 500 in CI)
+        self._table_lock = threading.RLock()
         super().__init__(client=client, search_filter={}, cache_path=cache_path, fetch_by_frame=False,
                          convert_to_nifti=True)
         # Files are staged beside the cache, not inside it: MONAI Label watches the cache folder and would
@@ -176,10 +180,16 @@ class SemIDDicomWebDatastore(DICOMWebDatastore):
                 finally:
                     shutil.rmtree(staged.parent, ignore_errors=True)
                 logger.info("DICOMweb: series fetched (%s, %d slices)", ref.modality, image.GetSize()[2])
-            if not self.get_image_info(image_id):
-                self.refresh()  # registers the new NIfTI in the datastore file
-            self.update_image_info(image_id, self._dicom_info(image_id))
+            with self._table_lock:
+                if not self.get_image_info(image_id):
+                    self.refresh()  # registers the new NIfTI in the datastore file
+                self.update_image_info(image_id, self._dicom_info(image_id))
         return str(nifti)
+
+    def refresh(self) -> None:
+        """MONAI Label's reconcile of the image table with the cache folder, one thread at a time."""
+        with self._table_lock:
+            LocalDatastore.refresh(self)
 
     def json(self) -> dict[str, Any]:
         """The datastore with every listed series, fetched or not (info without PHI)."""
@@ -218,7 +228,8 @@ class SemIDDicomWebDatastore(DICOMWebDatastore):
         label_info = dict(label_info or {})
         if label_tag == DEID_TAG:
             label_info.update(self._store_deidentified(image_id, label_filename))
-        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        with self._table_lock:
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
 
     def _store_deidentified(self, image_id: str, label_filename: str) -> dict[str, Any]:
         """Write the de-identified series for ``image_id`` from the volume in ``label_filename`` and STOW it."""
