@@ -41,17 +41,13 @@ MODES = ("normal", "fit-frame", "zero-features", "atlas-mask", "fixed-box", "sim
 
 
 def nearest_similarity(transform: sitk.Transform, keep_scale: bool = True) -> sitk.AffineTransform:
-    """The affine ``transform`` with its matrix replaced by the nearest rotation times the cube root of
-    its determinant (``keep_scale``) or by the rotation alone; same centre and translation."""
-    affine = sitk.AffineTransform(transform)
-    matrix = np.array(affine.GetMatrix()).reshape(3, 3)
-    u, _, vt = np.linalg.svd(matrix)
-    scale = abs(np.linalg.det(matrix)) ** (1 / 3) if keep_scale else 1.0
-    out = sitk.AffineTransform(3)
-    out.SetCenter(affine.GetCenter())
-    out.SetMatrix((scale * (u @ vt)).ravel().tolist())
-    out.SetTranslation(affine.GetTranslation())
-    return out
+    """The affine ``transform`` reduced to its pose (``facebox.rigid_part``), times the cube root of its
+    determinant with ``keep_scale``."""
+    pose = comp.fb.rigid_part(transform)
+    if keep_scale:
+        scale = abs(np.linalg.det(np.array(sitk.AffineTransform(transform).GetMatrix()).reshape(3, 3))) ** (1 / 3)
+        pose.SetMatrix((scale * np.array(pose.GetMatrix())).tolist())
+    return pose
 
 
 def main(mode: str) -> None:

@@ -237,6 +237,26 @@ class OrthancServer:
                     for i in ids}
 
 
+@contextmanager
+def orthanc_holding(root: Path, studies: list[list[Path]]) -> Iterator[tuple[OrthancServer, dict[str, str]]]:
+    """An Orthanc (``orthanc_server``) with every file of ``studies`` uploaded; yields it and its stored
+    files' hashes before any test touched them. A server that does not start fails the test in one line."""
+    from contextlib import ExitStack
+
+    import pytest
+
+    with ExitStack() as stack:
+        try:
+            orthanc = stack.enter_context(orthanc_server(root))
+        except RuntimeError as error:
+            pytest.fail(str(error), pytrace=False)
+        for paths in studies:
+            orthanc.upload(paths)
+        before = orthanc.stored()
+        assert len(before) == sum(len(paths) for paths in studies)
+        yield orthanc, before
+
+
 def orthanc_missing() -> str | None:
     """Why the Orthanc tests cannot run here (a sentence), or None when Orthanc and its plugin are installed."""
     if not ORTHANC.is_file():

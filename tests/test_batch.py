@@ -229,13 +229,14 @@ def test_no_canary_in_out_manifest_or_logs(archive, runs) -> None:
     assert "Failures" in report and "<img" in report
 
 
-@pytest.mark.parametrize("case", ["missing", "inside", "level", "scheduler", "dicomweb"])
+@pytest.mark.parametrize("case", ["missing", "inside", "level", "threads", "scheduler", "dicomweb"])
 def test_bad_input_is_one_sentence(archive, tmp_path, case) -> None:
     root, _ = archive
     src = root / "archive"
     args = {"missing": [str(tmp_path / "nope"), str(tmp_path / "o")],
             "inside": [str(src), str(src / "out")],
             "level": [str(src), str(tmp_path / "o"), "--level", "extreme"],
+            "threads": [str(src), str(tmp_path / "o"), "--threads", "0"],
             "scheduler": [str(src), str(tmp_path / "o"), "--scheduler", "tcp://127.0.0.1:9"],
             "dicomweb": ["http://127.0.0.1:9/dicom-web", str(tmp_path / "o")]}[case]
     env = {**os.environ, "SEMID_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

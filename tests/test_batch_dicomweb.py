@@ -26,7 +26,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_studies import corrupt_study, head_study
-from servers import OrthancServer, free_loopback_port, orthanc_missing, orthanc_server, stop_process_group, tail
+from servers import (
+    OrthancServer,
+    free_loopback_port,
+    orthanc_holding,
+    orthanc_missing,
+    stop_process_group,
+    tail,
+)
 
 from semid.batch import study_key
 from semid.dicom import pseudonyms as ps
@@ -171,15 +177,7 @@ def pacs(dask_cluster: Dask, tmp_path_factory: pytest.TempPathFactory):
     files["corrupt"] = corrupt_study(root / "corrupt")
     uids = {name: str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
             for name, paths in files.items()}
-    with ExitStack() as stack:
-        try:
-            orthanc = stack.enter_context(orthanc_server(root / "orthanc"))
-        except RuntimeError as error:
-            pytest.fail(str(error), pytrace=False)
-        for paths in files.values():
-            orthanc.upload(paths)
-        before = orthanc.stored()
-        assert len(before) == sum(len(paths) for paths in files.values())
+    with orthanc_holding(root / "orthanc", list(files.values())) as (orthanc, before):
         yield Pacs(orthanc, root, root / "heads", uids, before)
 
 

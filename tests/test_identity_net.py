@@ -79,7 +79,7 @@ def test_prediction_keeps_an_oblique_lps_grid_exactly(network, visits):
     assert nw.dice(sitk.GetArrayViewFromImage(prob) > 0.5, truth) >= MIN_DICE_OBLIQUE
 
 
-def test_torchscript_export_predicts_like_monai_and_loads_without_it(network, visits, tmp_path):
+def test_torchscript_export_predicts_like_monai_and_loads_without_it(network, visits, tmp_path, monkeypatch):
     """Inference runs the U-Net as TorchScript: the same probabilities as the MONAI network, and once
     the export exists a fresh process loads the weights without importing MONAI (6-10 s here)."""
     import os
@@ -95,14 +95,8 @@ def test_torchscript_export_predicts_like_monai_and_loads_without_it(network, vi
     second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert second.stdout.split() == ["RecursiveScriptModule", "False", "True"]  # read back, no MONAI
 
-    os.environ["SEMID_DATA_DIR"], saved = str(tmp_path), os.environ.get("SEMID_DATA_DIR")
-    try:
-        scripted = nw.IdentityNetwork.load(scripted=True)
-    finally:
-        if saved is None:
-            del os.environ["SEMID_DATA_DIR"]
-        else:
-            os.environ["SEMID_DATA_DIR"] = saved
+    monkeypatch.setenv("SEMID_DATA_DIR", str(tmp_path))
+    scripted = nw.IdentityNetwork.load(scripted=True)  # the export the subprocesses wrote
     x, _ = nw.prepare(visits["MR"].image, "MR")
     eager, script = network.predict_array(x), scripted.predict_array(x)
     assert float(np.abs(eager - script).max()) < 1e-5

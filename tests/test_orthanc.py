@@ -23,7 +23,15 @@ import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
-from servers import MONAILABEL, MonaiLabelServer, OrthancServer, monailabel_server, orthanc_missing, orthanc_server
+from servers import (
+    MONAILABEL,
+    MonaiLabelServer,
+    OrthancServer,
+    monailabel_server,
+    orthanc_holding,
+    orthanc_missing,
+    orthanc_server,
+)
 
 from semid.dicom import pseudonyms as ps
 from semid.dicom import web
@@ -157,14 +165,7 @@ def pacs(sample_head: Path, tmp_path_factory: pytest.TempPathFactory):
     series = {name: str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
               for name, paths in files.items()}
     with ExitStack() as stack:
-        try:
-            orthanc = stack.enter_context(orthanc_server(root / "orthanc"))
-        except RuntimeError as error:
-            pytest.fail(str(error), pytrace=False)
-        for paths in files.values():
-            orthanc.upload(paths)
-        before = orthanc.stored()
-        assert len(before) == sum(len(paths) for paths in files.values())
+        orthanc, before = stack.enter_context(orthanc_holding(root / "orthanc", list(files.values())))
         env = {
             "SEMID_KEY": KEY,
             "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"),
