@@ -4,62 +4,51 @@ Runs attacker A2 (static, and adaptive: fine-tuned 45 steps on the method's outp
 subjects, as ``semid bench --quick`` does) on visit 1 of the 10 subjects of seed 2026, against their
 visit 0, for one variant of SemID's learned fill:
 
-- ``normal``: as shipped (the drawn face mapped back in the fit's pose, ``LearnedFill(frame="pose")``);
-- ``fit-frame``: the drawn face mapped back by the subject's full affine fit (``frame="fit"``, the first
-  version);
+- ``normal``: as shipped (atlas fit refined on the cranium, region with its tissue margin, drawn face
+  mapped back by that fit);
 - ``zero-features``: the generator gets zeros instead of the decoupled encoder features;
 - ``atlas-mask``: ``B_p`` from the registered atlas only (no identity network);
 - ``fixed-box``: every subject gets the box the generator drew for the first one (the same face in the
-  atlas frame), mapped back by each subject's own atlas fit: what is left is the frame's leak;
-- ``similarity-frame``: the drawn box is mapped back by the nearest similarity (rotation, one scale,
-  translation) of the subject's affine fit instead of the fit itself: the face keeps its own proportions;
-- ``rigid-frame``: the same with the nearest rotation only (the atlas's size and proportions);
-- ``rigid-fixed-box``: ``fixed-box`` mapped back by the nearest rotation (what is left once neither the
-  face nor its frame depends on the subject);
-- ``pose-fixed-box``: ``fixed-box`` drawn in the pose frame as shipped;
-- ``block-only``: ``B_p`` filled with air (the reference: what the rest of the head gives away).
+  atlas frame), mapped back by each subject's own fit: what is left is the frame's and the junction's leak;
+- ``pose-frame``: the drawn face mapped back by the fit's pose deep inside ``B_p``
+  (``LearnedFill(frame="pose")``, the remedy of the previous version);
+- ``whole-head-fit``: the atlas fit not refined on the cranium (it follows the face, as before);
+- ``no-margin``: the region without its tissue margin (``identity.REGION_MARGIN_MM`` = 0);
+- ``block-only``, ``block-only-whole-head-fit``, ``block-only-no-margin``: ``B_p`` filled with air (the
+  reference: what the rest of the head and the block's own outline give away), as shipped and with
+  each of the two changes undone.
 
-Usage: ``python benchmarks/generator_leak.py MODE`` (one of ``MODES``).
+Usage: ``python benchmarks/generator_leak.py MODE [GENERATOR_WEIGHTS]`` (MODE one of ``MODES``; the
+weights default to the committed generator). The modes of the previous
+version (frames of the whole-head fit: ``similarity-frame``, ``rigid-frame``, ...) are in the git history
+of this file, with their results in the README.
 """
 
 from __future__ import annotations
 
 import sys
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 
-from semid import compensation as comp
+from semid import identity as idm
 from semid import phantoms as ph
 from semid.compensation import LearnedFill
 from semid.eval.attack_reid import ReidAttack
 from semid.pipeline import Deidentifier
 
-MODES = ("normal", "fit-frame", "zero-features", "atlas-mask", "fixed-box", "similarity-frame", "rigid-frame",
-         "rigid-fixed-box", "pose-fixed-box", "block-only")
+MODES = ("normal", "zero-features", "atlas-mask", "fixed-box", "pose-frame", "whole-head-fit", "no-margin",
+         "block-only", "block-only-whole-head-fit", "block-only-no-margin")
 
 
-def nearest_similarity(transform: sitk.Transform, keep_scale: bool = True) -> sitk.AffineTransform:
-    """The affine ``transform`` reduced to its pose (``facebox.rigid_part``), times the cube root of its
-    determinant with ``keep_scale``."""
-    pose = comp.fb.rigid_part(transform)
-    if keep_scale:
-        scale = abs(np.linalg.det(np.array(sitk.AffineTransform(transform).GetMatrix()).reshape(3, 3))) ** (1 / 3)
-        pose.SetMatrix((scale * np.array(pose.GetMatrix())).tolist())
-    return pose
-
-
-def main(mode: str) -> None:
+def main(mode: str, weights: str | None = None) -> None:
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {', '.join(MODES)}")
-    # the experiments below change the first version's drawing (frame "fit") one thing at a time
-    fill = LearnedFill(frame="pose" if mode in ("normal", "pose-fixed-box") else "fit")
+    fill = LearnedFill(weights=weights, frame="pose" if mode == "pose-frame" else "fit")
     if mode == "zero-features":
         semantics = fill.model.semantics
         features = semantics.features
         semantics.features = lambda box: [torch.zeros_like(f) for f in features(box)]
-    if mode in ("fixed-box", "rigid-fixed-box", "pose-fixed-box"):
+    if mode == "fixed-box":
         model, first = fill.model, []
         draw = model.fill
 
@@ -69,11 +58,13 @@ def main(mode: str) -> None:
             return first[0]
 
         model.fill = fixed
-    if mode in ("similarity-frame", "rigid-frame", "rigid-fixed-box"):
-        back, keep = comp.fb.from_box, mode == "similarity-frame"
-        comp.fb.from_box = lambda values, reference, to_template, *a, **k: back(
-            values, reference, nearest_similarity(to_template, keep), *a, **k)
-    elif mode == "block-only":
+    if mode.endswith("whole-head-fit"):
+        whole_head_fit = idm.fit_atlas
+        idm.fit_atlas = lambda atlas_mask, subject_mask, features, cranium=None: whole_head_fit(
+            atlas_mask, subject_mask, features)
+    if mode.endswith("no-margin"):
+        idm.blocking_score = lambda score, brain: score
+    if mode.startswith("block-only"):
         from semid.eval.baselines import BlockFill
 
         fill = BlockFill()
@@ -92,4 +83,4 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "normal")
+    main(sys.argv[1] if len(sys.argv) > 1 else "normal", sys.argv[2] if len(sys.argv) > 2 else None)

@@ -149,3 +149,44 @@ def test_not_a_head_is_refused():
     noise = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 1, (64, 64, 64)).astype(np.float32))
     with pytest.raises(InputError, match="No head found|No face found"):
         Deidentifier("high").run(noise)
+
+
+def test_the_atlas_fit_is_refined_on_the_cranium_and_does_not_follow_the_face():
+    """Phantoms share one cranium and differ in the face: with the visit's pose undone, the refined fit
+    puts the atlas in the same place for every subject, where the whole-head fit follows each face."""
+    from semid import phantoms as ph
+
+    pop = ph.Population(5, 2026)
+    probe = np.array([[0.0, -60.0, -20.0], [40.0, -50.0, 0.0], [-40.0, -50.0, 0.0], [0.0, 0.0, 40.0]])
+    refined, whole = [], []
+    for i in range(5):
+        visit = pop.subject(i).visit(0)
+        fit = Deidentifier(1.0).locate(visit.image).fit
+        assert fit.whole_head is not None
+        # template point -> visit point (fit) -> subject's own frame (pose: visit points to subject points)
+        refined.append([visit.pose.TransformPoint(fit.transform.TransformPoint(p.tolist())) for p in probe])
+        whole.append([visit.pose.TransformPoint(fit.whole_head.TransformPoint(p.tolist())) for p in probe])
+    spread_refined = np.linalg.norm(np.std(np.array(refined), axis=0), axis=-1).max()
+    spread_whole = np.linalg.norm(np.std(np.array(whole), axis=0), axis=-1).max()
+    assert spread_refined < 1.5, spread_refined
+    assert spread_whole > 1.8 * spread_refined, (spread_whole, spread_refined)
+
+
+def test_blocking_score_adds_a_tissue_margin_ranked_after_the_region():
+    from semid.identity import BRAIN_MARGIN_MM, REGION_MARGIN_MM, blocking_score
+    from semid.pipeline import _cached_atlas
+
+    atlas = _cached_atlas(None)
+    score = sitk.GetArrayFromImage(atlas.score)
+    blocking = sitk.GetArrayFromImage(blocking_score(atlas.score, atlas.brain))
+    region, grown = score > 0.02, blocking > 0.02
+    margin = grown & ~region
+    assert np.array_equal(blocking[region], score[region]) and not (region & ~grown).any()
+    assert margin.sum() > 0.2 * region.sum()
+    assert blocking[margin].max() < score[region].min()  # blocked last: only near p = 1
+    out = sitk.GetArrayFromImage(_signed_distance(sitk.Cast(atlas.score > 0.02, sitk.sitkUInt8)))
+    brain = sitk.GetArrayFromImage(_signed_distance(sitk.Cast(atlas.brain > 0, sitk.sitkUInt8)))
+    assert out[margin].max() <= REGION_MARGIN_MM + 1e-3 and brain[margin].min() >= BRAIN_MARGIN_MM - 1e-3
+    # nearer the region ranks first
+    near, far = margin & (out < REGION_MARGIN_MM / 3), margin & (out > 2 * REGION_MARGIN_MM / 3)
+    assert blocking[near].min() > blocking[far].max()

@@ -274,7 +274,7 @@ class TrainConfig:
     out: str = str(DEFAULT_WEIGHTS)
     encoder: str = "bundled"
     decoupler: str = ""
-    steps: int = 1500
+    steps: int = 900
     critic_steps: int = 300
     patch: tuple[int, int, int] = (48, 48, 48)
     lr: float = 2e-3
@@ -432,7 +432,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict:
     log("validation (held-out subjects): " + json.dumps(report))
     meta = {"format": FORMAT, "feature_channels": list(semantics.channels), "widths": list(gen.widths),
             "semantics": semantics.describe(), "training": {
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()
+                   if k not in ("out", "samples")},  # folders of the machine that trained: not in the file
                 "samples": len(paths), "sample_seed": int(fb.TRAIN_SEED), "seconds": round(time.perf_counter() - t0),
                 "command": "semid train generator " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else
                 "semid train generator"}, "validation": report}
@@ -629,15 +630,17 @@ class LearnedFill:
     the source) with the medicine the decoupled features carry, and its box is resampled back onto the
     subject's grid. Voxels of ``B_p`` that fall outside the box keep the plain surface fill.
 
-    ``frame="pose"`` (default) maps the drawn box back by the fit's pose deep inside ``B_p`` and by the
-    fit itself where it meets the subject's tissue (``facebox.pose_frame``), so the face does not take on
-    the subject's proportions; ``"fit"`` maps it by the fit everywhere (the first version's behaviour).
+    ``frame="fit"`` (default) maps the drawn box back by the atlas fit, which is refined on the cranium
+    (``identity.fit_atlas``) and so carries the head's pose and size but not the face's proportions;
+    ``"pose"`` maps it by the fit's rotation and position only deep inside ``B_p`` and by the fit where it
+    meets the subject's tissue (``facebox.pose_frame``): the remedy of the version whose fit followed the
+    face, kept for comparison.
     """
 
     weights: str | Path | None = None
     identity: str = "default"
     device: str = "auto"
-    frame: str = "pose"
+    frame: str = "fit"
     name: str = "learned"
     description: str = ("SemID learned compensation: blocked identity region refilled by a generator from "
                         "decoupled medical-encoder features")
@@ -714,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="semid train generator", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("samples", help="make (or complete) the cached face-box training samples")
-    s.add_argument("--out", default="", help="cache folder (default: the data folder's train/facebox)")
+    s.add_argument("--out", default="", help="cache folder (default: fb.samples_folder())")
     s.add_argument("--subjects", type=int, default=48)
     s.add_argument("--visits", default="0,1")
     s.add_argument("--ct-subjects", type=int, default=24, help="subjects that also get a CT of visit 0")
@@ -729,10 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             t.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
-    from semid.data import data_dir
 
     if args.command == "samples":
-        folder = Path(args.out) if args.out else data_dir() / "train" / "facebox"
+        folder = Path(args.out) if args.out else fb.samples_folder()
         visits = tuple(int(v) for v in args.visits.split(","))
         fb.phantom_samples(folder, fb.TRAIN_SEED, range(args.subjects), visits, ("MR",))
         if args.ct_subjects:
@@ -740,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     config = TrainConfig(**{k: getattr(args, k) for k in vars(defaults)})
     if not config.samples:
-        config.samples = str(data_dir() / "train" / "facebox")
+        config.samples = str(fb.samples_folder())
     if args.make_samples:
         main(["samples", "--out", config.samples])
     train(config)

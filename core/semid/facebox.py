@@ -50,12 +50,13 @@ def box_reference(atlas_dir: str | None = None) -> sitk.Image:
 
 @functools.lru_cache(maxsize=2)
 def box_atlas(atlas_dir: str | None = None) -> dict[str, np.ndarray]:
-    """The atlas's identity score, identity region and brain on the box grid (z, y, x): the same for every head."""
+    """The atlas's blocking score (``Atlas.blocking_score``), identity region and brain on the box grid
+    (z, y, x): the same for every head."""
     from semid.pipeline import _cached_atlas
 
     atlas = _cached_atlas(Path(atlas_dir) if atlas_dir else None)
     ref = box_reference(atlas_dir)
-    score = sitk.GetArrayFromImage(sitk.Resample(atlas.score, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
+    score = sitk.GetArrayFromImage(sitk.Resample(atlas.blocking_score, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                  sitk.sitkFloat32))
     brain = sitk.GetArrayFromImage(sitk.Resample(atlas.brain, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
                                                  0, sitk.sitkUInt8)) > 0
@@ -191,6 +192,17 @@ def pose_frame(reference: sitk.Image, template_to_subject: sitk.Transform, block
 
 #: Seed of the populations the learned parts train on (not the benchmark's 2026, not A2's 4242, not U1's 1).
 TRAIN_SEED = 5
+#: Version of the cached face-box samples, part of their folder's name: v2 brings the boxes in through
+#: the atlas fit refined on the cranium (``identity.fit_atlas``), v1 (folder ``facebox``) through the
+#: whole-head fit.
+SAMPLES_VERSION = "v2"
+
+
+def samples_folder() -> Path:
+    """Default cache folder of the face-box samples: ``<data dir>/train/facebox-<SAMPLES_VERSION>``."""
+    from semid.data import data_dir
+
+    return data_dir() / "train" / f"facebox-{SAMPLES_VERSION}"
 
 
 def phantom_sample(seed: int, subject: int, visit: int, modality: str = "MR", synthetic_seed: int = 0

@@ -119,6 +119,16 @@ class Atlas:
         return cls(read("head.nii.gz"), read("brain.nii.gz"), read("score.nii.gz"),
                    read("blank_sdf.nii.gz"), read("features.nii.gz"), meta["version"])
 
+    @functools.cached_property
+    def cranium(self) -> sitk.Image:
+        """The head outside the face (``identity.cranium_mask``): what the atlas fit is refined on."""
+        return idm.cranium_mask(self.head, self.score)
+
+    @functools.cached_property
+    def blocking_score(self) -> sitk.Image:
+        """``s(x)`` with the tissue margin around the region (``identity.blocking_score``): what is blocked."""
+        return idm.blocking_score(self.score, self.brain)
+
 
 _ATLAS_CACHE: dict[str, Atlas] = {}
 
@@ -347,7 +357,7 @@ class Deidentifier:
             raise InputError("No head found in the volume (the foreground is too small): give a head CT or MR.")
         lap("head_mask")
         say("registering the identity atlas")
-        fit = idm.fit_atlas(atlas.head, head_coarse, atlas.features)
+        fit = idm.fit_atlas(atlas.head, head_coarse, atlas.features, cranium=atlas.cranium)
         if fit.dice < idm.HEAD_DICE:
             raise InputError(
                 f"No head found in the volume (best head-shape match {fit.dice:.2f}, needs "
@@ -384,7 +394,7 @@ class Deidentifier:
 
         atlas, modality, fit = location.atlas, location.modality, location.fit
         say("mapping identity")
-        roi_index, roi_size = _roi_of(atlas.score, fit.transform, image)
+        roi_index, roi_size = _roi_of(atlas.blocking_score, fit.transform, image)
         arr = sitk.GetArrayViewFromImage(image)
         out = np.array(arr, copy=True)
         mask = np.zeros(arr.shape, dtype=np.uint8)
@@ -394,19 +404,29 @@ class Deidentifier:
         if roi_size is not None:
             roi = sitk.RegionOfInterest(image, roi_size, roi_index)
             to_atlas = location.to_atlas
-            score = sitk.GetArrayFromImage(sitk.Resample(atlas.score, roi, to_atlas, sitk.sitkLinear, 0.0,
-                                                         sitk.sitkFloat32))
+            score = sitk.GetArrayFromImage(sitk.Resample(atlas.blocking_score, roi, to_atlas, sitk.sitkLinear,
+                                                         0.0, sitk.sitkFloat32))
             brain = sitk.GetArrayFromImage(sitk.Resample(atlas.brain, roi, to_atlas,
                                                          sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
-            region = (score > 0.02) & ~brain
+            region = (score > 0.02) & ~brain  # the atlas's region and its tissue margin (idm.REGION_MARGIN_MM)
             sl = _roi_slices(roi_index, roi_size)
             roi_arr = arr[sl]
             head_roi = _head_in_roi(roi, location.threshold, location.head_coarse)
+            # the atlas's region itself (no margin) placed by the whole-head fit, which follows the face where
+            # the cranium fit deliberately does not: the network is checked against it, and it joins the
+            # region (ranked last), so B_1 still covers the face where the cranium fit sits off it
+            face_fit = fit.whole_head.GetInverse() if fit.whole_head is not None else to_atlas
+            face_region = sitk.GetArrayFromImage(sitk.Resample(atlas.score, roi, face_fit, sitk.sitkNearestNeighbor,
+                                                               0.0, sitk.sitkFloat32)) > 0.02
+            face_region &= ~brain
             if self.identity != "atlas":
-                learned = self._learned_identity(image, sl, modality, score, region, brain, head_roi)
+                learned = self._learned_identity(image, sl, modality, score, region, face_region, brain, head_roi)
                 identity_record = learned[2]
                 if learned[0] is not None:
                     score, region = learned[0], learned[1]
+            added = face_region & ~region
+            score = np.where(added, np.float32(1e-9), score).astype(np.float32)
+            region = region | added
             blocked = nested_block(score, region, self.level)
             lap("identity_map")
             say("filling the blocked region")
@@ -447,6 +467,7 @@ class Deidentifier:
             "atlas": atlas.version,
             "modality": modality,
             "registration_head_dice": round(fit.dice, 4),
+            "registration_refined_on_cranium": fit.whole_head is not None,
             "face_feature_coverage": round(fit.coverage, 4),
             "blocked_voxels": int(mask.sum()),
             "blocked_ml": round(float(mask.sum()) * voxel_ml, 3),
@@ -462,8 +483,8 @@ class Deidentifier:
         return DeidResult(result, mask_img, record)
 
     def _learned_identity(self, image: sitk.Image, sl: tuple[slice, slice, slice], modality: str,
-                          atlas_score: np.ndarray, atlas_region: np.ndarray, brain: np.ndarray,
-                          head_roi: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+                          atlas_score: np.ndarray, atlas_region: np.ndarray, atlas_core: np.ndarray,
+                          brain: np.ndarray, head_roi: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
         """``s(x)`` and the region from the identity network (plus, with ``saliency``, the re-identification
         saliency; else the atlas score orders the region), on the ROI; (None, None, record) when the
         network is not installed or disagrees with the atlas region (then the atlas is used)."""
@@ -495,7 +516,7 @@ class Deidentifier:
         near_brain = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
             brain_img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)) < idm.BRAIN_MARGIN_MM
         tissue &= ~near_brain
-        check = ranking.agreement(tissue & head_roi, atlas_region & head_roi, image.GetSpacing())
+        check = ranking.agreement(tissue & head_roi, atlas_core & head_roi, image.GetSpacing())
         record: dict = {"identity_network": net.describe(), "identity_agreement_with_atlas": check}
         # (the region below is the union of the network's and the atlas's, so this check is about trust
         # in the network, not about what is blocked)

@@ -851,18 +851,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = sub.add_parser("train", help="fit and save the decoupler")
     t.add_argument("--encoder", default="bundled", help="encoder spec (semid.semantics.encoders.load_encoder)")
     t.add_argument("--samples", default="", help="face-box sample folder (default: the data folder's "
-                                                 "train/facebox; `semid train generator samples` makes it)")
+                                                 "train/facebox-v2; `semid train generator samples` makes it)")
     t.add_argument("--out", default=str(DEFAULT_WEIGHTS))
     t.add_argument("--validation-subjects", type=int, default=6,
                    help="the last subjects are left out (the generator validates on them)")
     t.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
     t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from semid.data import data_dir
+    from semid.facebox import samples_folder
     from semid.semantics.encoders import load_encoder
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    folder = Path(args.samples) if args.samples else data_dir() / "train" / "facebox"
+    folder = Path(args.samples) if args.samples else samples_folder()
     paths = sorted(folder.glob("facebox_*.npz"))
     subjects = sorted({int(p.name.split("_")[2]) for p in paths})
     keep = set(subjects[:-args.validation_subjects]) if args.validation_subjects else set(subjects)

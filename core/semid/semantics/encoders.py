@@ -1031,7 +1031,7 @@ def train(samples: Path | str | None = None, out: Path | str = BUNDLED_WEIGHTS, 
 
     Args:
         samples: folder of ``facebox_5_*.npz`` (``semid.facebox.phantom_samples``, population seed 5);
-            default ``<data dir>/train/facebox``.
+            default ``semid.facebox.samples_folder()``.
         out: weight file to write (default: the committed ``encoder_phantom.pt``).
         steps, batch, lr, seed, patch: optimisation steps, patches per step, peak learning rate, seed of
             the initialisation and sampling, patch edge (voxels, a multiple of 8).
@@ -1054,9 +1054,9 @@ def train(samples: Path | str | None = None, out: Path | str = BUNDLED_WEIGHTS, 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if samples is None:
-        from semid.data import data_dir
+        from semid.facebox import samples_folder
 
-        samples = data_dir() / "train" / "facebox"
+        samples = samples_folder()
     samples = Path(samples)
     if steps < 1 or batch < 1 or lr <= 0 or patch < 8 or patch % 8:
         raise InputError("--steps and --batch must be positive, --lr > 0, --patch a multiple of 8.")
@@ -1203,7 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr = sub.add_parser("train", prog="semid train encoder",
                         help="train the bundled encoder on cached phantom samples; write its weights")
     tr.add_argument("--samples", type=Path, default=None,
-                    help="folder of facebox_5_*.npz samples (default: <data dir>/train/facebox)")
+                    help="folder of facebox_5_*.npz samples (default: <data dir>/train/facebox-v2)")
     tr.add_argument("--out", type=Path, default=BUNDLED_WEIGHTS, help="weight file (default: the committed one)")
     tr.add_argument("--steps", type=int, default=600)
     tr.add_argument("--batch", type=int, default=2)
