@@ -222,7 +222,7 @@ def test_scoring_stores_the_risk_in_the_datastore(server) -> None:
     for image_id in GOOD:
         entry = objects[image_id]["image"]["info"]["reid_risk"]
         assert 0.0 <= entry["risk"] <= 1.0
-        assert entry["risk"] == pytest.approx(min(1.0, max(0.0, entry["critic_similarity"])), abs=1e-4)
+        assert entry["risk"] == pytest.approx(min(1.0, max(0.0, 0.5 * (1 + entry["critic_similarity"]))), abs=1e-4)
         assert entry["level"] == LEVEL_VALUE
         versions.add(entry["model_version"])
     assert len(versions) == 1

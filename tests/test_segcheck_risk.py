@@ -102,9 +102,9 @@ def test_risk_from_record() -> None:
         return {**base, "residual_risk": {"critic_similarity_output_to_input": similarity,
                                           "critic_similarity_block_only": 0.45}}
 
-    assert risk_from_record(rec(0.3)) == 0.3
-    assert risk_from_record(rec(-0.2)) == 0.0
-    assert risk_from_record(rec(1.4)) == 1.0
+    assert risk_from_record(rec(0.3)) == pytest.approx(0.65)
+    assert risk_from_record(rec(-0.2)) == pytest.approx(0.4)  # pushed away still orders: no clipping at 0
+    assert risk_from_record(rec(-1.4)) == 0.0 and risk_from_record(rec(1.4)) == 1.0
     assert risk_from_record({"level": 0.0, "blocked_voxels": 0}) == 1.0  # untouched
     assert risk_from_record({**rec(0.2), "blocked_voxels": 0}) == 1.0
     for record in (base, rec(None), rec(math.nan)):

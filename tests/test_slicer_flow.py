@@ -548,7 +548,7 @@ def test_record_rows_for_learned_and_surface_fills() -> None:
                "atlas": "atlas-v3", "residual_risk": {"critic_similarity_output_to_input": -0.2}}
     rows = dict(record_rows(learned))
     assert rows["Level"] == "medium (0.50)" and rows["Blocked volume"] == "12.3 ml (8.0 ml of it tissue)"
-    assert rows["Residual re-identification risk"].startswith("0.00 ")  # cosine <= 0 -> risk 0
+    assert rows["Residual re-identification risk"].startswith("0.40 ")  # (1 + s) / 2: cosine -0.2 -> 0.40
     assert "compensation generator generator.pt (abcdef01)" in rows["Models used"]
     assert "atlas atlas-v3" in rows["Models used"]
     surface = {"level": 0.6, "blocked_voxels": 5, "blocked_ml": 1.0, "method": "featureless surface fill"}
@@ -556,7 +556,7 @@ def test_record_rows_for_learned_and_surface_fills() -> None:
     assert dict(record_rows(surface))["Residual re-identification risk"].startswith("not measured")
     assert residual_risk({"level": 0.0, "blocked_voxels": 0}) == 1.0
     measured = {"level": 0.9, "blocked_voxels": 3, "residual_risk": {"critic_similarity_output_to_input": 0.42}}
-    assert residual_risk(measured) == 0.42
+    assert residual_risk(measured) == pytest.approx(0.71)
 
 
 def test_segcheck_summary_refuses_other_answers() -> None:

@@ -10,8 +10,10 @@ The pipeline's record (``Deidentifier.run(...).record``) carries, with the learn
 - ``identity_bits_left``: per feature level, identity bits per sample a linear reader still saves on
   the decoupled encoder features (a property of the decoupler, the same for every volume).
 
-``risk_from_record`` reduces it to **the critic similarity of output to input, clipped to [0, 1]**:
-1 = the critic still sees the same person, 0 = no more alike than two unrelated faces (cosine <= 0).
+``risk_from_record`` reduces it to **the critic similarity of output to input, mapped from [-1, 1] to
+[0, 1]** (``(1 + cosine) / 2``): 1 = the critic still sees the same person, 0.5 = no more alike than two
+unrelated faces (cosine 0), below 0.5 = pushed away from its owner. (Formula 1 clipped the cosine at 0,
+and the generator's outputs, pushed below 0, then all scored 0: no order left to review by.)
 It ranks volumes (which to review first); it is not a probability of re-identification. The block-only
 similarity and the identity bits do not enter: the first is a reference, the second does not differ
 between volumes. A volume left untouched (level 0, or nothing blocked) has risk 1.0. A record without a
@@ -38,7 +40,7 @@ from semid import __version__
 from semid.errors import InputError
 
 #: Version of the reduction below: part of ``model_version``, so changing it invalidates stored scores.
-RISK_FORMULA = 1
+RISK_FORMULA = 2
 #: Weights the risk depends on: the generator (with the identity critic), its encoder and decoupler,
 #: and the identity network that shapes ``B_p``.
 MODELS_DIR = Path(__file__).resolve().parent / "data" / "models"
@@ -60,7 +62,7 @@ def risk_from_record(record: dict[str, Any]) -> float:
     if similarity is None or not math.isfinite(float(similarity)):
         raise InputError("No residual risk was measured for this volume (the plain surface fill measures none): "
                          "install the learned compensation weights to score risk.")
-    return min(1.0, max(0.0, float(similarity)))
+    return min(1.0, max(0.0, 0.5 * (1.0 + float(similarity))))
 
 
 def _file_hash(path: Path) -> str:

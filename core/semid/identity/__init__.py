@@ -220,7 +220,7 @@ CRANIUM_AIR_MM = 12.0
 #: (so it is blocked only near p = 1; ``blocking_score``). A face's shape does not stop at a sharp
 #: line (the phantoms' identity field fades out over 6 mm beyond the region), and a block that ends
 #: where the region ends leaves that rim. ``benchmarks/generator_leak.py`` block-only, adaptive A2 AUC:
-#: 0.51 as shipped, 0.50 without the margin, 0.61 with the whole-head fit instead of the cranium fit
+#: 0.57 as shipped, 0.53 without the margin, 0.61 with the whole-head fit instead of the cranium fit
 #: (0.62 before both): on the phantoms the fit is what mattered; the margin is kept as a safety margin
 #: for real faces, whose identity has no fade radius to rely on.
 REGION_MARGIN_MM = 8.0

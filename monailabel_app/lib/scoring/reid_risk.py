@@ -2,9 +2,9 @@
 
 For every image in the datastore the method de-identifies the volume at the app's default level
 (`--conf level`, default `high`) and stores `semid.risk.risk_from_record` of the record (the identity
-critic's similarity of output to input, clipped to [0, 1]) in the image's info under `reid_risk`:
+critic's similarity s of output to input, as (1 + s) / 2 in [0, 1]) in the image's info under `reid_risk`:
 
-    {"risk": 0.166, "critic_similarity": 0.166, "level": 0.75, "model_version": "...", "ts": 1700000000}
+    {"risk": 0.583, "critic_similarity": 0.166, "level": 0.75, "model_version": "...", "ts": 1700000000}
 
 An image that cannot be scored (not a head, unreadable) gets `"risk": null` and the one-sentence
 `"error"`. Images already scored at the same level and model version (`semid.risk.model_version`:

@@ -2,7 +2,7 @@
 the segmentation check (Dice per class, pass/fail).
 
 The record is `semid.pipeline.Deidentifier.run(...).record` as the server sends it; the residual risk
-follows `semid.risk.risk_from_record` (critic similarity of output to input, clipped to [0, 1]; 1.0
+follows `semid.risk.risk_from_record` (critic similarity of output to input mapped to [0, 1], (1 + s) / 2; 1.0
 when nothing was changed; none when the fill made no critic measurement, i.e. the plain surface fill).
 """
 
@@ -28,7 +28,7 @@ def residual_risk(record: dict[str, Any]) -> float | None:
     similarity = block.get("critic_similarity_output_to_input") if isinstance(block, dict) else block
     if isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not math.isfinite(similarity):
         return None
-    return min(1.0, max(0.0, float(similarity)))
+    return min(1.0, max(0.0, 0.5 * (1.0 + float(similarity))))
 
 
 def models_used(record: dict[str, Any]) -> list[str]:
@@ -71,7 +71,7 @@ def record_rows(record: dict[str, Any], level: float | None = None) -> list[tupl
     if risk is None:
         risk_text = "not measured (this fill has no identity critic)"
     else:
-        risk_text = f"{risk:.2f} (0 = unlike the original face, 1 = the same person)"
+        risk_text = f"{risk:.2f} (1 = the same person, 0.5 = no more alike than a stranger, 0 = opposite)"
     rows = [("Level", level_text), ("Blocked volume", blocked_text), ("Residual re-identification risk", risk_text)]
     changed_brain = record.get("brain_voxels_changed")
     if isinstance(changed_brain, int):
