@@ -6,6 +6,8 @@ visit 0, for one variant of SemID's learned fill:
 
 - ``normal``: as shipped (atlas fit refined on the cranium, region with its tissue margin, drawn face
   mapped back by that fit);
+- ``atlas-generator-mask``: the generator is given ``B_p`` joined with the atlas's ``B_1`` on the box (the
+  mask it was trained with), so the subject's own outline of the block never reaches it;
 - ``zero-features``: the generator gets zeros instead of the decoupled encoder features;
 - ``atlas-mask``: ``B_p`` from the registered atlas only (no identity network);
 - ``fixed-box``: every subject gets the box the generator drew for the first one (the same face in the
@@ -36,8 +38,8 @@ from semid.compensation import LearnedFill
 from semid.eval.attack_reid import ReidAttack
 from semid.pipeline import Deidentifier
 
-MODES = ("normal", "zero-features", "atlas-mask", "fixed-box", "pose-frame", "whole-head-fit", "no-margin",
-         "block-only", "block-only-whole-head-fit", "block-only-no-margin")
+MODES = ("normal", "atlas-generator-mask", "zero-features", "atlas-mask", "fixed-box", "pose-frame",
+         "whole-head-fit", "no-margin", "block-only", "block-only-whole-head-fit", "block-only-no-margin")
 
 
 def main(mode: str, weights: str | None = None) -> None:
@@ -48,6 +50,14 @@ def main(mode: str, weights: str | None = None) -> None:
         semantics = fill.model.semantics
         features = semantics.features
         semantics.features = lambda box: [torch.zeros_like(f) for f in features(box)]
+    if mode == "atlas-generator-mask":
+        import numpy as np
+
+        from semid.compensation import block_mask
+
+        model, canonical = fill.model, block_mask(1.0)
+        draw_subject = model.fill
+        model.fill = lambda box, mask, modality, code: draw_subject(box, np.asarray(mask) | canonical, modality, code)
     if mode == "fixed-box":
         model, first = fill.model, []
         draw = model.fill

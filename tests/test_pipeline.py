@@ -190,3 +190,23 @@ def test_blocking_score_adds_a_tissue_margin_ranked_after_the_region():
     # nearer the region ranks first
     near, far = margin & (out < REGION_MARGIN_MM / 3), margin & (out > 2 * REGION_MARGIN_MM / 3)
     assert blocking[near].min() > blocking[far].max()
+
+
+def test_roi_holds_the_region_under_every_fit():
+    """The ROI is the index box of the region placed by each fit (the cranium fit and the whole-head fit
+    whose region joins B_1), so neither placement is cut off at the ROI's edge."""
+    from semid.pipeline import _cached_atlas, _roi_of
+
+    atlas = _cached_atlas(None)
+    image = sitk.Image([160, 160, 160], sitk.sitkUInt8)
+    image.SetSpacing([1.5] * 3)
+    image.SetOrigin([-120.0, -120.0, -120.0])
+    shifted = sitk.TranslationTransform(3, (0.0, 30.0, 0.0))
+    one = _roi_of(atlas.blocking_score, [sitk.Transform()], image)
+    both = _roi_of(atlas.blocking_score, [sitk.Transform(), shifted], image)
+    moved = _roi_of(atlas.blocking_score, [shifted], image)
+    assert one[1] is not None and both[1] is not None and moved[1] is not None
+    for start, size in (one, moved):
+        stop = np.add(start, size)
+        assert (np.array(both[0]) <= start).all() and (np.add(both[0], both[1]) >= stop).all()
+    assert both[1][1] >= one[1][1] + 30 / 1.5 - 1  # 30 mm along y, on 1.5 mm voxels

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -394,7 +394,9 @@ class Deidentifier:
 
         atlas, modality, fit = location.atlas, location.modality, location.fit
         say("mapping identity")
-        roi_index, roi_size = _roi_of(atlas.blocking_score, fit.transform, image)
+        # the ROI holds the region under both fits: the whole-head fit's region joins B_p below
+        fits = [fit.transform] + ([fit.whole_head] if fit.whole_head is not None else [])
+        roi_index, roi_size = _roi_of(atlas.blocking_score, fits, image)
         arr = sitk.GetArrayViewFromImage(image)
         out = np.array(arr, copy=True)
         mask = np.zeros(arr.shape, dtype=np.uint8)
@@ -573,9 +575,10 @@ def _fraction_unchanged(changed: np.ndarray, mask: np.ndarray) -> float:
     return 1.0 if n == 0 else float((~changed & outside).sum()) / n
 
 
-def _roi_of(score: sitk.Image, template_to_subject: sitk.Transform,
+def _roi_of(score: sitk.Image, templates_to_subject: Sequence[sitk.Transform],
             image: sitk.Image) -> tuple[list[int], list[int] | None]:
-    """Index box of the subject grid that holds the warped identity region (None if out of view)."""
+    """Index box of the subject grid that holds the identity region warped by each of the transforms
+    (None if out of view)."""
     arr = sitk.GetArrayViewFromImage(score)
     nz = np.nonzero(arr > 0)
     if nz[0].size == 0:
@@ -583,7 +586,8 @@ def _roi_of(score: sitk.Image, template_to_subject: sitk.Transform,
     lo = [int(v.min()) for v in nz[::-1]]
     hi = [int(v.max()) for v in nz[::-1]]
     corners = [
-        template_to_subject.TransformPoint(score.TransformIndexToPhysicalPoint([c[0], c[1], c[2]]))
+        transform.TransformPoint(score.TransformIndexToPhysicalPoint([c[0], c[1], c[2]]))
+        for transform in templates_to_subject
         for c in np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1).T.tolist()
     ]
     cont = np.array([image.TransformPhysicalPointToContinuousIndex(p) for p in corners])
