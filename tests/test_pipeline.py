@@ -210,3 +210,21 @@ def test_roi_holds_the_region_under_every_fit():
         stop = np.add(start, size)
         assert (np.array(both[0]) <= start).all() and (np.add(both[0], both[1]) >= stop).all()
     assert both[1][1] >= one[1][1] + 30 / 1.5 - 1  # 30 mm along y, on 1.5 mm voxels
+
+
+def test_boxes_around_cover_each_part_with_its_margin_and_merge_overlaps():
+    from semid.pipeline import boxes_around
+
+    mask = np.zeros((60, 50, 40), bool)
+    mask[5:8, 5:8, 5:8] = True  # two parts far apart ...
+    mask[50:52, 40:43, 30:33] = True
+    mask[50:52, 40:43, 26:28] = True  # ... the second in two pieces that the margin makes overlap
+    boxes = boxes_around(mask, (2.0, 1.0, 1.0), 4.0)  # spacing x, y, z: 4 mm is 2 voxels in x, 4 in y and z
+    assert len(boxes) == 2
+    covered = np.zeros_like(mask)
+    for box in boxes:
+        covered[box] = True
+    assert covered[mask].all() and covered.sum() < 0.1 * mask.size
+    first = next(b for b in boxes if b[0].start == 1)
+    assert first == (slice(1, 12), slice(1, 12), slice(3, 10))
+    assert boxes_around(np.zeros_like(mask), (1.0, 1.0, 1.0), 4.0) == []

@@ -618,6 +618,9 @@ SYNTHETIC_MARGIN = 0.5
 #: Band (mm) inside ``B_p`` over which the drawn face turns from the subject's fit into its pose
 #: (``facebox.pose_frame``, ``frame="pose"``).
 FRAME_BLEND_MM = 15.0
+#: Context (mm) the plain fill of blocked voxels outside the face box sees around them: its blend
+#: (``pipeline.BLEND_MM``, 12 mm) and its smoothing (1.5 mm) reach no further.
+SURFACE_CONTEXT_MM = 20.0
 
 
 @dataclass
@@ -660,7 +663,7 @@ class LearnedFill:
 
     def __call__(self, ctx: Any) -> Any:
         from semid import phantoms as ph
-        from semid.pipeline import FillResult, SurfaceFill, _cast_like
+        from semid.pipeline import FillResult, SurfaceFill, _cast_like, boxes_around
 
         model = self.model
         modality = 1 if ctx.modality == "CT" else 0
@@ -693,10 +696,13 @@ class LearnedFill:
             back = ctx.location.to_atlas
         values = scale.restore(fb.from_box(pred, ctx.roi, back, default=-1.0))
         inside_box = fb.from_box(np.ones(fb.BOX_SHAPE, np.float32), ctx.roi, back) > 0.99
-        if (ctx.blocked & ~inside_box).any():
-            filled = np.where(inside_box, values, np.asarray(SurfaceFill()(ctx), np.float32))
-        else:  # the usual case: the whole block lies in the face box
-            filled = values
+        outside = ctx.blocked & ~inside_box
+        filled = values
+        # blocked voxels outside the face box (at p -> 1, the tissue margin above and below it) get the
+        # plain fill, computed only around them: on the whole ROI it took 1.7 s of a 1 mm head's 6.6 s
+        for part in boxes_around(outside, ctx.roi.GetSpacing(), SURFACE_CONTEXT_MM):
+            plain = np.asarray(SurfaceFill()(ctx.crop(part)), np.float32)
+            filled[part] = np.where(outside[part], plain, filled[part])
         from semid.semantics.decoupling import identity_bits_left
 
         bits_left = identity_bits_left(model.semantics.decoupler)
@@ -705,7 +711,7 @@ class LearnedFill:
                   "residual_risk": {"critic_similarity_output_to_input": round(similarity, 4),
                                     "critic_similarity_block_only": round(blocked_only, 4),
                                     "identity_bits_left": bits_left},
-                  "blocked_voxels_outside_face_box": int((ctx.blocked & ~inside_box).sum())}
+                  "blocked_voxels_outside_face_box": int(outside.sum())}
         return FillResult(_cast_like(filled, ctx.roi_arr.dtype), record)
 
 

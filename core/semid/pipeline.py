@@ -211,6 +211,42 @@ class FillContext:
     def modality(self) -> str:
         return self.location.modality
 
+    def crop(self, box: tuple[slice, slice, slice]) -> FillContext:
+        """The same context on a sub-box ``box`` (numpy (z, y, x) slices of the ROI grid)."""
+        start = [b.start for b in box[::-1]]  # ITK (x, y, z)
+        size = [b.stop - b.start for b in box[::-1]]
+        roi = sitk.RegionOfInterest(self.roi, size, start)
+        slices = tuple(slice(outer.start + inner.start, outer.start + inner.stop)
+                       for outer, inner in zip(self.roi_slices, box, strict=True))
+        return FillContext(self.image, roi, slices, self.roi_arr[box], self.head[box], self.blocked[box],
+                           self.region[box], self.brain[box], self.location, self.seed)
+
+
+def boxes_around(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[tuple[slice, slice, slice]]:
+    """Index boxes (numpy (z, y, x) slices) that cover the parts of ``mask`` with ``margin_mm`` around each,
+    boxes that overlap merged: where a fill needs to see around a few scattered voxels, these boxes hold
+    a fraction of the whole grid. ``spacing`` is ITK's (x, y, z) in mm."""
+    from scipy import ndimage
+
+    grow = [int(np.ceil(margin_mm / s)) for s in spacing[::-1]]
+    boxes = [[max(sl.start - g, 0), min(sl.stop + g, n)] for part in ndimage.find_objects(
+        ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[0]) if part is not None
+        for sl, g, n in zip(part, grow, mask.shape, strict=True)]
+    boxes = [boxes[i:i + 3] for i in range(0, len(boxes), 3)]
+    merged = True
+    while merged:  # a few boxes: merge pairs until none overlap
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                if all(a[0] < b[1] and b[0] < a[1] for a, b in zip(boxes[i], boxes[j], strict=True)):
+                    boxes[i] = [[min(a[0], b[0]), max(a[1], b[1])] for a, b in zip(boxes[i], boxes[j], strict=True)]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [tuple(slice(a, b) for a, b in box) for box in boxes]  # type: ignore[misc]
+
 
 @dataclass
 class FillResult:
@@ -490,8 +526,6 @@ class Deidentifier:
         """``s(x)`` and the region from the identity network (plus, with ``saliency``, the re-identification
         saliency; else the atlas score orders the region), on the ROI; (None, None, record) when the
         network is not installed or disagrees with the atlas region (then the atlas is used)."""
-        from scipy import ndimage
-
         from semid.identity import ranking
         try:
             from semid.identity import network as idnet
@@ -510,7 +544,9 @@ class Deidentifier:
         prob = sitk.GetArrayFromImage(net.predict(image, modality))[sl]  # a copy: the image is a temporary
         # holes (sinus air, a dark orbit the network is unsure of) join the region: an unblocked island
         # inside a blocked face would keep a piece of the original in place
-        tissue = ndimage.binary_fill_holes(ranking.region_from_prob(prob))
+        # (ITK's hole filling with face connectivity: scipy's binary_fill_holes's result, 2x faster)
+        tissue = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(
+            ranking.region_from_prob(prob).astype(np.uint8)), fullyConnected=False)) > 0
         # the atlas keeps its region BRAIN_MARGIN_MM from the brain; the network's region keeps the same
         # distance, or its rim reaches into the true brain where the atlas brain is a little small
         brain_img = sitk.GetImageFromArray(brain.astype(np.uint8))
