@@ -228,3 +228,6 @@ def test_boxes_around_cover_each_part_with_its_margin_and_merge_overlaps():
     first = next(b for b in boxes if b[0].start == 1)
     assert first == (slice(1, 12), slice(1, 12), slice(3, 10))
     assert boxes_around(np.zeros_like(mask), (1.0, 1.0, 1.0), 4.0) == []
+    scattered = np.zeros_like(mask)
+    scattered[::7, ::7, ::7] = True  # more parts than MAX_FILL_BOXES: one box around them all
+    assert boxes_around(scattered, (1.0, 1.0, 1.0), 1.0) == [(slice(0, 58), slice(0, 50), slice(0, 37))]

@@ -222,6 +222,10 @@ class FillContext:
                            self.region[box], self.brain[box], self.location, self.seed)
 
 
+#: Above this many separate parts, ``boxes_around`` gives one box around them all.
+MAX_FILL_BOXES = 16
+
+
 def boxes_around(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[tuple[slice, slice, slice]]:
     """Index boxes (numpy (z, y, x) slices) that cover the parts of ``mask`` with ``margin_mm`` around each,
     boxes that overlap merged: where a fill needs to see around a few scattered voxels, these boxes hold
@@ -233,6 +237,8 @@ def boxes_around(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -
         ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[0]) if part is not None
         for sl, g, n in zip(part, grow, mask.shape, strict=True)]
     boxes = [boxes[i:i + 3] for i in range(0, len(boxes), 3)]
+    if len(boxes) > MAX_FILL_BOXES:  # scattered voxels: one box around them all (the merging below is cubic)
+        boxes = [[[min(b[k][0] for b in boxes), max(b[k][1] for b in boxes)] for k in range(3)]]
     merged = True
     while merged:  # a few boxes: merge pairs until none overlap
         merged = False

@@ -69,10 +69,10 @@ def combine(prob: np.ndarray, saliency: np.ndarray | None = None, weight: float 
 def nested_block(score: np.ndarray, region: np.ndarray, level: float) -> np.ndarray:
     """``B_p``: the top ``level`` fraction of ``region``'s voxels ranked by ``score`` (boolean, like ``score``).
 
-    The same rule as ``semid.pipeline.nested_block`` (kept here so this module does not import the
-    pipeline, which imports it; ``tests/test_identity_net.py`` checks the two agree): rank by score
-    descending, then voxel index; the ranking does not depend on ``level``, so ``B_p`` is a subset of
-    ``B_q`` for ``p <= q``; ``B_0`` is empty and ``B_1`` is the region.
+    The pipeline's ``B_p`` (``semid.pipeline`` imports it; ``tests/test_identity_net.py`` checks it
+    against ``nested_masks``, which sorts): rank by score descending, then voxel index; the ranking
+    does not depend on ``level``, so ``B_p`` is a subset of ``B_q`` for ``p <= q``; ``B_0`` is empty
+    and ``B_1`` is the region.
     """
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"level must be in [0, 1], not {level}")
