@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -76,6 +78,28 @@ def test_learned_fill_keeps_the_medicine_and_replaces_the_face(visit: ph.Visit) 
     face = (labels == ph.IDENTITY) & blocked
     assert np.abs(out - src)[face].mean() > 5.0
     assert sitk.GetArrayFromImage(block.image)[lesion].max() == 0
+
+
+@pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
+def test_bfloat16_fill_agrees_with_float32(visit: ph.Visit, monkeypatch) -> None:
+    from semid import facebox as fb
+
+    deid = Deidentifier(1.0, fill=_AirFill())
+    location = deid.locate(visit.image)
+    blocked = deid.run(visit.image, location=location).mask
+    fit = location.fit.transform
+    box = fb.intensity_scale(visit.image, "MR").normalise(fb.to_box(visit.image, fit, default=0.0))
+    mask = fb.to_box(blocked, fit, sitk.sitkNearestNeighbor) > 0
+    model = comp.Compensator.load()
+    code = ph.default_face_code()
+    fp32 = dataclasses.replace(model, precision=torch.float32).fill(box, mask, 0, code)
+    bf16 = dataclasses.replace(model, precision=torch.bfloat16).fill(box, mask, 0, code)
+    assert mask.sum() > 10000 and not np.array_equal(fp32, bf16)
+    diff = np.abs(bf16 - fp32)[mask]
+    assert diff.mean() < 0.005 * fp32[mask].mean() and diff.max() < 0.1 * fp32[mask].max()
+    assert model.describe()["precision"] == str(model.precision).removeprefix("torch.")
+    monkeypatch.setenv("SEMID_FILL_PRECISION", "float32")
+    assert comp.fill_precision(torch.device("cpu")) == torch.float32
 
 
 @pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")

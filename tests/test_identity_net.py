@@ -146,6 +146,36 @@ def test_agreement_reports_dice_and_volumes():
     assert grown[:3].all() and not grown[3:].any()
 
 
+def test_distance_near_and_hole_filling_equal_the_whole_grid_computations():
+    from scipy import ndimage
+
+    import semid.identity as idm
+
+    rng = np.random.default_rng(3)
+    spacing = (0.8, 1.0, 1.5)  # (x, y, z) mm
+    for trial in range(6):
+        # a few blobs (a face and two ears), holes inside them, and one blob cut by the array's border
+        mask = np.zeros((40, 48, 56), bool)
+        for _ in range(int(rng.integers(1, 4))):
+            c = rng.integers(0, mask.shape, 3)
+            r = rng.uniform(3, 9)
+            zz, yy, xx = np.ogrid[:40, :48, :56]
+            mask |= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r
+        mask &= rng.uniform(size=mask.shape) > 0.15 * (trial % 2)  # speckled holes in odd trials
+        img = sitk.GetImageFromArray(mask.astype(np.uint8))
+        img.SetSpacing(spacing)
+        full = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(img, insideIsPositive=False,
+                                                                    squaredDistance=False, useImageSpacing=True))
+        near = ranking.distance_near(mask, spacing, 6.0)
+        within = full <= 6.0
+        # the same distances up to float32 rounding (the transform's sums run over another extent)
+        np.testing.assert_allclose(near[within], full[within], atol=1e-4)
+        assert (near[~within] > 6.0 - 1e-4).all()
+        assert np.array_equal(idm.fill_holes(mask), ndimage.binary_fill_holes(mask))
+    assert np.isinf(ranking.distance_near(np.zeros((3, 4, 5), bool), spacing, 6.0)).all()
+    assert not idm.fill_holes(np.zeros((3, 4, 5), bool)).any()
+
+
 def test_saliency_is_a_map_of_the_face(visits):
     visit = visits["MR"]
     reid = sal.load_reid()

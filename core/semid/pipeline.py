@@ -464,7 +464,8 @@ class Deidentifier:
                                                                0.0, sitk.sitkFloat32)) > 0.02
             face_region &= ~brain
             if self.identity != "atlas":
-                learned = self._learned_identity(image, sl, modality, score, region, face_region, brain, head_roi)
+                learned = self._learned_identity(image, roi, sl, modality, score, region, face_region, brain,
+                                                 head_roi)
                 identity_record = learned[2]
                 if learned[0] is not None:
                     score, region = learned[0], learned[1]
@@ -526,12 +527,13 @@ class Deidentifier:
         }
         return DeidResult(result, mask_img, record)
 
-    def _learned_identity(self, image: sitk.Image, sl: tuple[slice, slice, slice], modality: str,
+    def _learned_identity(self, image: sitk.Image, roi: sitk.Image, sl: tuple[slice, slice, slice], modality: str,
                           atlas_score: np.ndarray, atlas_region: np.ndarray, atlas_core: np.ndarray,
                           brain: np.ndarray, head_roi: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
         """``s(x)`` and the region from the identity network (plus, with ``saliency``, the re-identification
-        saliency; else the atlas score orders the region), on the ROI; (None, None, record) when the
-        network is not installed or disagrees with the atlas region (then the atlas is used)."""
+        saliency; else the atlas score orders the region), on the ROI (``roi``, the slices ``sl`` of
+        ``image``); (None, None, record) when the network is not installed or disagrees with the atlas
+        region (then the atlas is used)."""
         from semid.identity import ranking
         try:
             from semid.identity import network as idnet
@@ -547,18 +549,13 @@ class Deidentifier:
             return None, None, {"identity_source": "atlas-registration (no identity network installed)"}
         # weights named explicitly must be there: a missing file is an error, not a silent fallback
         net = idnet.load_cached(self.identity_weights)
-        prob = sitk.GetArrayFromImage(net.predict(image, modality))[sl]  # a copy: the image is a temporary
+        prob = sitk.GetArrayFromImage(net.predict(image, modality, reference=roi))
         # holes (sinus air, a dark orbit the network is unsure of) join the region: an unblocked island
         # inside a blocked face would keep a piece of the original in place
-        # (ITK's hole filling with face connectivity: scipy's binary_fill_holes's result, 2x faster)
-        tissue = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(
-            ranking.region_from_prob(prob).astype(np.uint8)), fullyConnected=False)) > 0
+        tissue = idm.fill_holes(ranking.region_from_prob(prob))
         # the atlas keeps its region BRAIN_MARGIN_MM from the brain; the network's region keeps the same
         # distance, or its rim reaches into the true brain where the atlas brain is a little small
-        brain_img = sitk.GetImageFromArray(brain.astype(np.uint8))
-        brain_img.SetSpacing(image.GetSpacing())
-        near_brain = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-            brain_img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)) < idm.BRAIN_MARGIN_MM
+        near_brain = ranking.distance_near(brain, image.GetSpacing(), idm.BRAIN_MARGIN_MM) < idm.BRAIN_MARGIN_MM
         tissue &= ~near_brain
         check = ranking.agreement(tissue & head_roi, atlas_core & head_roi, image.GetSpacing())
         record: dict = {"identity_network": net.describe(), "identity_agreement_with_atlas": check}
@@ -582,8 +579,9 @@ class Deidentifier:
             order = np.clip(atlas_score / max(float(atlas_score.max()), 1e-6), 0.0, 1.0)
             record["identity_source"] = "identity-network and atlas (ordered by the atlas score)"
         # voxels of the air margin have no network probability: they rank by the order alone, last
-        score = np.where(region, np.maximum(ranking.combine(prob, order), 1e-3 * order + 1e-9), 0.0)
-        return score.astype(np.float32), region, record
+        score = np.zeros(region.shape, np.float32)
+        score[region] = np.maximum(ranking.combine(prob, order)[region], 1e-3 * order[region] + 1e-9)
+        return score, region, record
 
     def _untouched(self, image: sitk.Image) -> DeidResult:
         """Level 0 (``off``): the input as it is, nothing blocked, no registration needed."""
@@ -651,6 +649,4 @@ def _head_in_roi(roi: sitk.Image, threshold: float, head_coarse: sitk.Image) -> 
     near = sitk.BinaryDilate(head_coarse, [2, 2, 2])
     near_roi = sitk.GetArrayFromImage(sitk.Resample(near, roi, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
     above = sitk.GetArrayViewFromImage(roi) >= threshold
-    mask = sitk.GetImageFromArray((above & (near_roi > 0)).astype(np.uint8))
-    mask.CopyInformation(roi)
-    return sitk.GetArrayFromImage(sitk.BinaryFillhole(mask)) > 0
+    return idm.fill_holes(above & (near_roi > 0))

