@@ -53,6 +53,7 @@ $(PEERS)/.installed: benchmarks/peers-requirements.txt
 bench: $(VENV)/.installed $(PEERS)/.installed data
 	$(PY) benchmarks/dicom_headers.py --peers-venv $(PEERS) --out benchmarks/results/dicom_headers.md
 	$(PY) benchmarks/volume_speed.py --out benchmarks/results/volume_speed.md
+	$(PY) benchmarks/pipeline_parts.py --out benchmarks/results/pipeline_parts.md
 	$(PY) benchmarks/batch_throughput.py --peers-venv $(PEERS) --workers 1,2,4 --out benchmarks/results/batch_throughput.md
 
 lint: venv

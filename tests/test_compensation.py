@@ -100,6 +100,11 @@ def test_bfloat16_fill_agrees_with_float32(visit: ph.Visit, monkeypatch) -> None
     assert model.describe()["precision"] == str(model.precision).removeprefix("torch.")
     monkeypatch.setenv("SEMID_FILL_PRECISION", "float32")
     assert comp.fill_precision(torch.device("cpu")) == torch.float32
+    monkeypatch.setenv("SEMID_FILL_PRECISION", "BFloat16 ")
+    assert comp.fill_precision(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv("SEMID_FILL_PRECISION", "fp16")
+    with pytest.raises(InputError, match="SEMID_FILL_PRECISION is 'fp16': set it to auto, float32 or bfloat16"):
+        comp.fill_precision(torch.device("cpu"))
 
 
 @pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")

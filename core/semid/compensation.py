@@ -296,17 +296,23 @@ def _device(name: str) -> torch.device:
 
 def fill_precision(device: torch.device) -> torch.dtype:
     """The number type the generator fills in on ``device``: bfloat16 where the device computes it natively
-    (a CUDA GPU that supports it; a CPU with AVX-512 BF16), else float32. ``SEMID_FILL_PRECISION=float32``
-    keeps float32 everywhere.
+    (a CUDA GPU that supports it; a CPU with AVX-512 BF16), else float32. The environment variable
+    ``SEMID_FILL_PRECISION`` (``auto``, the default; ``float32``; ``bfloat16``) overrides the choice.
 
-    On 2 cores of an AVX-512 BF16 CPU the 80x96x96 face box fills in 0.32 s instead of 0.62 s; the filled
-    voxels of the real 1 mm head differ from float32's by 0.16 intensity units on average (their mean is
-    152), i.e. by less than the scan's own rounding. Emulated bfloat16 would be slower than float32.
+    On 2 cores of an AVX-512 BF16 CPU the 80x96x96 face box fills in about half float32's time, and the
+    filled voxels of the real 1 mm head differ from float32's by less than the output's integer rounding
+    on average (``benchmarks/pipeline_parts.py`` prints both). Emulated bfloat16 would be slower than
+    float32, hence float32 on other processors.
     """
     import os
 
-    if os.environ.get("SEMID_FILL_PRECISION", "").strip().lower() == "float32":
-        return torch.float32
+    from semid.errors import InputError
+
+    choice = os.environ.get("SEMID_FILL_PRECISION", "").strip().lower() or "auto"
+    if choice not in ("auto", "float32", "bfloat16"):
+        raise InputError(f"SEMID_FILL_PRECISION is {choice[:16]!r}: set it to auto, float32 or bfloat16 (or unset it).")
+    if choice != "auto":
+        return torch.float32 if choice == "float32" else torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     # torch has no public test for native bfloat16 on the CPU; its own private one, where it exists

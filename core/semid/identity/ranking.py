@@ -176,8 +176,8 @@ def distance_near(mask: np.ndarray, spacing: Sequence[float], reach_mm: float) -
     ``reach_mm``; farther voxels may read ``inf``. Voxels of ``mask`` read 0 or less.
 
     The distance is computed on ``mask``'s bounding box grown by ``reach_mm``: every voxel nearer than
-    that to ``mask`` lies in it, and the rest of the grid is not visited (on a 1 mm head's identity
-    box, the face's box is a third of it).
+    that to ``mask`` lies in it, and the rest of the grid is not visited (the brain's part of a 1 mm
+    head's identity box: ``benchmarks/pipeline_parts.py``).
 
     Args:
         mask: boolean (z, y, x).
