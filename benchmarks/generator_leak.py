@@ -5,7 +5,10 @@ subjects, as ``semid bench --quick`` does) on visit 1 of the 10 subjects of seed
 visit 0, for one variant of SemID's learned fill:
 
 - ``normal``: as shipped (atlas fit refined on the cranium, region with its tissue margin, drawn face
-  mapped back by that fit);
+  mapped back by that fit, the drawing kept only where it departs from the default face like a lesion:
+  ``LearnedFill(drawing="gated")``);
+- ``full-drawing``: the generator's whole drawing kept (``LearnedFill(drawing="full")``, the previous
+  version);
 - ``atlas-generator-mask``: the generator is given ``B_p`` joined with the atlas's ``B_1`` on the box (the
   mask it was trained with), so the subject's own outline of the block never reaches it;
 - ``zero-features``: the generator gets zeros instead of the decoupled encoder features;
@@ -38,14 +41,15 @@ from semid.compensation import LearnedFill
 from semid.eval.attack_reid import ReidAttack
 from semid.pipeline import Deidentifier
 
-MODES = ("normal", "atlas-generator-mask", "zero-features", "atlas-mask", "fixed-box", "pose-frame",
+MODES = ("normal", "full-drawing", "atlas-generator-mask", "zero-features", "atlas-mask", "fixed-box", "pose-frame",
          "whole-head-fit", "no-margin", "block-only", "block-only-whole-head-fit", "block-only-no-margin")
 
 
 def main(mode: str, weights: str | None = None) -> None:
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {', '.join(MODES)}")
-    fill = LearnedFill(weights=weights, frame="pose" if mode == "pose-frame" else "fit")
+    fill = LearnedFill(weights=weights, frame="pose" if mode == "pose-frame" else "fit",
+                       drawing="gated" if mode == "normal" else "full")
     if mode == "zero-features":
         semantics = fill.model.semantics
         features = semantics.features

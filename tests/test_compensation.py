@@ -64,6 +64,8 @@ def test_learned_fill_keeps_the_medicine_and_replaces_the_face(visit: ph.Visit) 
     assert np.array_equal(out[~blocked], src[~blocked])
     assert rec["brain_voxels_changed"] == 0 and rec["unchanged_fraction_outside_block"] == 1.0
     assert rec["compensation"]["generator"] == comp.DEFAULT_WEIGHTS.name
+    assert rec["drawing"] == "gated" and rec["drawn_box_voxels_kept"] > 0
+    assert rec["default_face_canvas"] == comp.CANVAS_FILE.name
     risk = rec["residual_risk"]
     assert risk["critic_similarity_output_to_input"] < 0.9
     # the face lesion inside B_p is still there, as bright or dark against its surroundings as before
@@ -78,6 +80,65 @@ def test_learned_fill_keeps_the_medicine_and_replaces_the_face(visit: ph.Visit) 
     face = (labels == ph.IDENTITY) & blocked
     assert np.abs(out - src)[face].mean() > 5.0
     assert sitk.GetArrayFromImage(block.image)[lesion].max() == 0
+
+
+def test_lesion_gate_keeps_lesion_like_departures_from_the_default_face() -> None:
+    template = np.zeros((24, 24, 24), np.float32)
+    template[:, :, 4:] = 1.0  # tissue, with air in the first four columns
+    drawn = template.copy()
+    drawn[8:13, 8:13, 8:13] += 1.5  # a lesion: 125 voxels brighter than the default face
+    drawn[20, 20, 15] -= 0.95  # one dark voxel: too small to be a lesion
+    drawn[10, 10, 1] = 2.0  # a departure in the default face's air: not tissue there
+    drawn[3:6, 3:6, 12:15] += 0.5  # a faint departure, under the contrast
+    mask = np.ones_like(template, bool)
+    mask[:, :, 18:] = False
+    gate = comp.lesion_gate(drawn, template, mask, contrast=0.8)
+    lesion_grown = np.zeros_like(mask)
+    lesion_grown[8 - comp.GATE_GROW:13 + comp.GATE_GROW, 8 - comp.GATE_GROW:13 + comp.GATE_GROW,
+                 8 - comp.GATE_GROW:13 + comp.GATE_GROW] = True
+    # the lesion and its rim (a grown cube, corners cut by the cross-shaped growing) and nothing else
+    assert gate[8:13, 8:13, 8:13].all() and not (gate & ~lesion_grown).any()
+    assert gate.sum() > 125 + 6 * 25 and not gate[20, 20, 15] and not gate[10, 10, 1] and not gate[4, 4, 13]
+    # nothing leaves the block
+    narrow = mask.copy()
+    narrow[:, :, 11:] = False
+    assert not (comp.lesion_gate(drawn, template, narrow, 0.8) & ~narrow).any()
+    assert not comp.lesion_gate(template, template, mask, 0.8).any()
+    with pytest.raises(ValueError, match="drawing must be 'gated' or 'full'"):
+        comp.LearnedFill(drawing="partly")
+
+
+@pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
+def test_default_face_box_is_one_face_for_everyone_and_the_gated_fill_shows_it(visit: ph.Visit,
+                                                                               monkeypatch) -> None:
+    model = comp.Compensator.load()
+    code = ph.default_face_code()
+    mr, ct = comp.default_face_box(model, 0, code), comp.default_face_box(model, 1, code)
+    assert mr.shape == ct.shape == tuple(comp.fb.BOX_SHAPE) and not np.array_equal(mr, ct)
+    assert comp.default_face_box(model, 0, code) is mr  # cached: drawn once per modality and code
+    # the committed canvas is what the code makes now (else: `semid train generator canvas`)
+    fresh = comp.Compensator.load()
+    monkeypatch.setattr(comp, "CANVAS_FILE", comp.CANVAS_FILE.with_name("missing.npz"))
+    made, _ = comp._canvas(fresh, 0)
+    assert fresh._canvas_source.startswith("made at run time")
+    np.testing.assert_allclose(made, comp._canvas(model, 0)[0], atol=2e-3 * float(made.max()))
+    # two people's gated fills: in the atlas frame, their blocks show the same face but for the gates
+    fill = comp.LearnedFill(drawing="gated")
+    fill._model = model
+    seen = []
+    draw = model.fill
+
+    def spy(box, mask, modality, c):  # noqa: ANN001, ANN202
+        out = draw(box, mask, modality, c)
+        seen.append(out)
+        return out
+
+    model.fill = spy
+    other = ph.Population(3, seed=2026).subject(1).visit(1, "MR")
+    results = [Deidentifier(1.0, fill=fill).run(v.image).record for v in (visit, other)]
+    kept = [r["drawn_box_voxels_kept"] for r in results]
+    assert all(0 < k < 0.05 * mr.size for k in kept)  # a few lesion-sized parts, not the face
+    assert len(seen) == 2 and not np.allclose(seen[0], seen[1])  # the generator did draw two people
 
 
 @pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
