@@ -570,7 +570,8 @@ class Compensator:
         """``fill`` for several (box, mask, modality, code) at once: one forward pass over (B, 1, D, H, W).
 
         The generator (instance norm), encoder and decoupler treat each box on its own, so a box's answer
-        does not depend on the others in its batch (up to float rounding of batched kernels).
+        does not depend on the others in its batch (up to the rounding of batched kernels: float32's, or
+        bfloat16's where ``precision`` is bfloat16).
         """
         x = torch.from_numpy(np.stack([np.asarray(c[0], np.float32) for c in calls])).to(self.device)[:, None]
         m = torch.from_numpy(np.stack([np.asarray(c[1], np.float32) for c in calls])).to(self.device)[:, None]
