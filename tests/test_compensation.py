@@ -120,9 +120,10 @@ def test_default_face_box_is_one_face_for_everyone_and_the_gated_fill_shows_it(v
     fresh = comp.Compensator.load()
     monkeypatch.setattr(comp, "CANVAS_FILE", comp.CANVAS_FILE.with_name("missing.npz"))
     made, _ = comp._canvas(fresh, 0)
-    assert fresh._canvas_source.startswith("made at run time")
+    assert fresh._canvas_source[0].startswith("made at run time")
     np.testing.assert_allclose(made, comp._canvas(model, 0)[0], atol=2e-3 * float(made.max()))
-    # two people's gated fills: in the atlas frame, their blocks show the same face but for the gates
+    # two people's gated fills: the generator draws two different people, and each keeps only a few
+    # lesion-sized parts of its drawing (the rest of the block is the default face box above)
     fill = comp.LearnedFill(drawing="gated")
     fill._model = model
     seen = []

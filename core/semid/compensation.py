@@ -522,7 +522,7 @@ class Compensator:
     #: ``default_face_box``'s canonical boxes per modality and drawings per (modality, code)
     _canvas: dict = field(default_factory=dict, init=False, repr=False)
     _templates: dict = field(default_factory=dict, init=False, repr=False)
-    _canvas_source: str = field(default="", init=False, repr=False)
+    _canvas_source: dict = field(default_factory=dict, init=False, repr=False)
     #: set by ``batch_calls``: concurrent ``fill``/``similarity`` calls share one forward pass
     _fill_batcher: Any = field(default=None, repr=False)
     _similarity_batcher: Any = field(default=None, repr=False)
@@ -661,9 +661,10 @@ SURFACE_CONTEXT_MM = 20.0
 
 #: What the learned fill keeps of the generator's drawing (``LearnedFill(drawing="gated")``): voxels where
 #: the drawing departs from SemID's default face drawn on the canonical head (``default_face_box``) by more
-#: than this many normalised units (MR: head medians; CT: 1000 HU), in tissue of both. Chosen on the quick
-#: benchmark's population (seed 2026) among 0.6, 0.8 and 0.9 (README); the CT value is the same share of
-#: CT's face-lesion contrast and has not been benchmarked (the benchmark's phantoms are MR).
+#: than this many normalised units (MR: head medians; CT: 1000 HU), in tissue of both. The MR value was
+#: chosen on the quick benchmark's population (seed 2026; README says how); the CT value (100 HU) is about
+#: the same share of a CT face lesion's contrast against fat and has not been benchmarked (the
+#: benchmark's phantoms are MR).
 LESION_GATE = {0: 0.8, 1: 0.1}
 #: Normalised value above which a box voxel is tissue, for the gate (air is 0 in both modalities).
 GATE_TISSUE = 0.3
@@ -735,7 +736,7 @@ def write_canvas(path: Path = CANVAS_FILE) -> Path:
 def _canvas(model: Compensator, modality: int) -> tuple[np.ndarray, np.ndarray]:
     """The canonical box of ``modality`` and the block drawn on it (the atlas's ``B_1`` grown by 2 voxels):
     from ``CANVAS_FILE`` when it was made with this atlas, else made here (``model._canvas_source`` says
-    which; the record shows it)."""
+    which, per modality; the record shows it)."""
     from scipy import ndimage
 
     from semid.pipeline import _cached_atlas
@@ -747,7 +748,8 @@ def _canvas(model: Compensator, modality: int) -> tuple[np.ndarray, np.ndarray]:
                 meta = json.loads(str(data["meta"]))
                 if meta.get("atlas") == _cached_atlas(None).version and f"box_{modality}" in data:
                     box = data[f"box_{modality}"].astype(np.float32)
-        model._canvas_source = CANVAS_FILE.name if box is not None else "made at run time (no matching file)"
+        model._canvas_source[modality] = (CANVAS_FILE.name if box is not None
+                                          else "made at run time (no matching file)")
         if box is None:
             box = default_face_canvas(modality)
         model._canvas[modality] = (box, ndimage.binary_dilation(block_mask(1.0), iterations=2))
@@ -867,8 +869,8 @@ class LearnedFill:
         bits_left = identity_bits_left(model.semantics.decoupler)
         record = {"compensation": model.describe(), "identity_mode": self.identity, "drawing_frame": self.frame,
                   "identity_code_tries": tries, "drawing": self.drawing,
-                  **({"drawn_box_voxels_kept": int((gate & mask).sum()), "default_face_canvas": model._canvas_source}
-                     if self.drawing == "gated" else {}),
+                  **({"drawn_box_voxels_kept": int((gate & mask).sum()),
+                      "default_face_canvas": model._canvas_source.get(modality)} if self.drawing == "gated" else {}),
                   "residual_risk": {"critic_similarity_output_to_input": round(similarity, 4),
                                     "critic_similarity_block_only": round(blocked_only, 4),
                                     "identity_bits_left": bits_left},
