@@ -143,6 +143,26 @@ def test_default_face_box_is_one_face_for_everyone_and_the_gated_fill_shows_it(v
 
 
 @pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
+def test_gated_fill_shows_the_canonical_head_not_the_generators_drawing_of_it() -> None:
+    """The default face's own head comes back nearly as itself from the gated fill (which shows the
+    canonical head in the block), and less so from the whole drawing (the generator's rendering of it)."""
+    from semid import facebox as fb
+
+    head = sitk.Cast(ph.face_subject().anatomy, sitk.sitkInt16)
+    scale = fb.intensity_scale(head, "MR")
+    before = scale.normalise(sitk.GetArrayFromImage(head).astype(np.float32))
+    error = {}
+    for drawing in ("gated", "full"):
+        result = Deidentifier(1.0, fill=comp.LearnedFill(drawing=drawing)).run(head)
+        after = scale.normalise(sitk.GetArrayFromImage(result.image).astype(np.float32))
+        block = sitk.GetArrayFromImage(result.mask) > 0
+        error[drawing] = float(np.abs(after - before)[block].mean())
+    # measured: 0.06 against 0.16 (the gated error is resampling, float16 storage and the plain fill of
+    # the block outside the face box)
+    assert error["gated"] < 0.5 * error["full"], error
+
+
+@pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
 def test_bfloat16_fill_agrees_with_float32(visit: ph.Visit, monkeypatch) -> None:
     from semid import facebox as fb
 

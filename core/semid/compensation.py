@@ -782,10 +782,12 @@ class LearnedFill:
     the source) with the medicine the decoupled features carry, and its box is resampled back onto the
     subject's grid. Voxels of ``B_p`` that fall outside the box keep the plain surface fill.
 
-    ``drawing="gated"`` (default) keeps the generator's drawing only where it departs from SemID's default
-    face like a lesion does (``lesion_gate``) and shows the default face drawn on the canonical head
-    (``default_face_box``, the synthetic face with ``identity="synthetic"``) everywhere else in the block;
-    ``"full"`` keeps the whole drawing, which passes more of the person's identity (README, *Benchmark*).
+    ``drawing="gated"`` (default) keeps the generator's drawing only where it departs from its drawing of
+    SemID's default face on the canonical head like a lesion does (``lesion_gate`` against
+    ``default_face_box``) and shows the canonical head itself (``default_face_canvas``) everywhere else
+    in the block; with ``identity="synthetic"`` it shows the generator's drawing of the synthetic face on
+    the canonical head, as there is no phantom of that face at hand. ``"full"`` keeps the whole drawing,
+    which passes more of the person's identity (README, *Benchmark*).
 
     ``frame="fit"`` (default) maps the drawn box back by the atlas fit, which is refined on the cranium
     (``identity.fit_atlas``) and so carries the head's pose and size but not the face's proportions;
@@ -844,7 +846,10 @@ class LearnedFill:
             if self.drawing == "gated":
                 template = default_face_box(model, modality, code)
                 gate = lesion_gate(pred, template, mask, LESION_GATE[modality])
-                pred = np.where(gate, pred, template)
+                # the default face is shown as the canonical head has it, not as the generator draws it:
+                # its drawing grooves the skin (README, "Looks"); a synthetic face has only the drawing
+                shown = _canvas(model, modality)[0] if self.identity == "default" else template
+                pred = np.where(gate, pred, shown)
             out_box = np.where(mask, pred, box)
             similarity = model.similarity(out_box, box)
             tries += 1
