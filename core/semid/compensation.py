@@ -523,6 +523,8 @@ class Compensator:
     _canvas: dict = field(default_factory=dict, init=False, repr=False)
     _templates: dict = field(default_factory=dict, init=False, repr=False)
     _canvas_source: dict = field(default_factory=dict, init=False, repr=False)
+    _canonical_fits: dict = field(default_factory=dict, init=False, repr=False)
+    _synthetic_canvas: dict = field(default_factory=dict, init=False, repr=False)
     #: set by ``batch_calls``: concurrent ``fill``/``similarity`` calls share one forward pass
     _fill_batcher: Any = field(default=None, repr=False)
     _similarity_batcher: Any = field(default=None, repr=False)
@@ -703,19 +705,48 @@ def lesion_gate(drawn: np.ndarray, template: np.ndarray, mask: np.ndarray, contr
     return ndimage.binary_dilation(keep, iterations=GATE_GROW) & mask
 
 
-def default_face_canvas(modality: int) -> np.ndarray:
-    """SemID's canonical head in the face box: the default-face phantom (``phantoms.face_subject``: no
-    lesion, no pose, no noise), MR or its CT (``phantoms.ct_from_mr``), brought into the box by its own
-    atlas fit and normalised like any input. Float32 (D, H, W); a few seconds, as it makes the phantom and
-    fits it (``CANVAS_FILE`` keeps both modalities' boxes)."""
+def _face_head(modality: int, code: np.ndarray | None = None) -> sitk.Image:
+    """The phantom head of identity ``code`` (None: SemID's default face), MR or its CT: no lesion, no
+    pose, no noise (``phantoms.face_subject``)."""
     from semid import phantoms as ph
-    from semid.pipeline import Deidentifier
 
-    mr = sitk.Cast(ph.face_subject().anatomy, sitk.sitkInt16)
-    head = ph.ct_from_mr(mr) if modality == 1 else mr
-    fit = Deidentifier(1.0).locate(head).fit.transform
+    mr = sitk.Cast(ph.face_subject(code).anatomy, sitk.sitkInt16)
+    return ph.ct_from_mr(mr) if modality == 1 else mr
+
+
+def _head_box(head: sitk.Image, fit: sitk.Transform, modality: int) -> np.ndarray:
+    """``head`` brought into the face box by ``fit`` and normalised like any input: float32 (D, H, W)."""
     box = fb.to_box(head, fit, default=-1000.0 if modality == 1 else 0.0)
     return fb.intensity_scale(head, "CT" if modality == 1 else "MR").normalise(box).astype(np.float32)
+
+
+def default_face_canvas(modality: int) -> np.ndarray:
+    """SemID's canonical head in the face box: the default-face phantom, MR or CT (``_face_head``), brought
+    into the box by its own atlas fit and normalised like any input. Float32 (D, H, W); a few seconds, as
+    it makes the phantom and fits it (``CANVAS_FILE`` keeps both modalities' boxes)."""
+    from semid.pipeline import Deidentifier
+
+    head = _face_head(modality)
+    return _head_box(head, Deidentifier(1.0).locate(head).fit.transform, modality)
+
+
+def synthetic_face_canvas(model: Compensator, modality: int, code: np.ndarray) -> np.ndarray:
+    """The phantom of synthetic identity ``code`` in the face box, as ``default_face_canvas`` but brought
+    in by the default face's fit: the fit is refined on the cranium, which the identity does not change,
+    so one fit (made once per model and modality, a few seconds) serves every code and each code costs
+    only its phantom (about a second). Float32 (D, H, W); the last few codes are cached on ``model``."""
+    from semid.pipeline import Deidentifier
+
+    fits = model._canonical_fits
+    if modality not in fits:
+        fits[modality] = Deidentifier(1.0).locate(_face_head(modality)).fit.transform
+    key = (int(modality), np.asarray(code, np.float32).round(6).tobytes())
+    cache = model._synthetic_canvas
+    if key not in cache:
+        if len(cache) > 4:
+            cache.clear()
+        cache[key] = _head_box(_face_head(modality, code), fits[modality], modality)
+    return cache[key]
 
 
 def write_canvas(path: Path = CANVAS_FILE) -> Path:
@@ -785,8 +816,8 @@ class LearnedFill:
     ``drawing="gated"`` (default) keeps the generator's drawing only where it departs from its drawing of
     SemID's default face on the canonical head like a lesion does (``lesion_gate`` against
     ``default_face_box``) and shows the canonical head itself (``default_face_canvas``) everywhere else
-    in the block; with ``identity="synthetic"`` it shows the generator's drawing of the synthetic face on
-    the canonical head, as there is no phantom of that face at hand. ``"full"`` keeps the whole drawing,
+    in the block; with ``identity="synthetic"``, the phantom of the synthetic face
+    (``synthetic_face_canvas``, about a second more per try). ``"full"`` keeps the whole drawing,
     which passes more of the person's identity (README, *Benchmark*).
 
     ``frame="fit"`` (default) maps the drawn box back by the atlas fit, which is refined on the cranium
@@ -846,12 +877,12 @@ class LearnedFill:
             if self.drawing == "gated":
                 template = default_face_box(model, modality, code)
                 gate = lesion_gate(pred, template, mask, LESION_GATE[modality])
-                # the default face is shown as the canonical head has it, not as the generator draws it:
-                # its drawing grooves the skin (README, "Looks"); a synthetic face has only the drawing
-                shown = _canvas(model, modality)[0] if self.identity == "default" else template
+                # the face is shown as its phantom has it, not as the generator draws it (the drawing
+                # grooves the skin: README, *Benchmark*)
+                shown = (_canvas(model, modality)[0] if self.identity == "default"
+                         else synthetic_face_canvas(model, modality, code))
                 pred = np.where(gate, pred, shown)
-            out_box = np.where(mask, pred, box)
-            similarity = model.similarity(out_box, box)
+            similarity = model.similarity(np.where(mask, pred, box), box)
             tries += 1
             if self.identity == "default" or similarity < SYNTHETIC_MARGIN or tries >= SYNTHETIC_TRIES:
                 break
