@@ -65,7 +65,7 @@ def test_learned_fill_keeps_the_medicine_and_replaces_the_face(visit: ph.Visit) 
     assert rec["brain_voxels_changed"] == 0 and rec["unchanged_fraction_outside_block"] == 1.0
     assert rec["compensation"]["generator"] == comp.DEFAULT_WEIGHTS.name
     assert rec["drawing"] == "gated" and rec["drawn_box_voxels_kept"] > 0
-    assert rec["default_face_canvas"] == comp.CANVAS_FILE.name
+    assert rec["default_face_canvas"] == comp.CANVAS_FILE.name and rec["face_shown"] == "default face phantom"
     risk = rec["residual_risk"]
     assert risk["critic_similarity_output_to_input"] < 0.9
     # the face lesion inside B_p is still there, as bright or dark against its surroundings as before
@@ -212,6 +212,7 @@ def test_synthetic_identity_differs_by_seed(visit: ph.Visit) -> None:
     assert np.array_equal(arr[0], arr[2])
     assert not np.array_equal(arr[0], arr[1])
     assert a.record["identity_mode"] == "synthetic" and 1 <= a.record["identity_code_tries"] <= comp.SYNTHETIC_TRIES
+    assert a.record["face_shown"] == "synthetic face phantom"
 
 
 class _AirFill:
