@@ -742,11 +742,13 @@ def synthetic_face_canvas(model: Compensator, modality: int, code: np.ndarray) -
         fits[modality] = Deidentifier(1.0).locate(_face_head(modality)).fit.transform
     key = (int(modality), np.asarray(code, np.float32).round(6).tobytes())
     cache = model._synthetic_canvas
-    if key not in cache:
+    canvas = cache.get(key)
+    if canvas is None:  # a local, so a batch thread's clear() between the two lines cannot lose it
+        canvas = _head_box(_face_head(modality, code), fits[modality], modality)
         if len(cache) > 4:
             cache.clear()
-        cache[key] = _head_box(_face_head(modality, code), fits[modality], modality)
-    return cache[key]
+        cache[key] = canvas
+    return canvas
 
 
 def write_canvas(path: Path = CANVAS_FILE) -> Path:
@@ -793,13 +795,14 @@ def default_face_box(model: Compensator, modality: int, code: np.ndarray) -> np.
     it carries nobody's identity. Cached per modality and code on ``model``."""
     key = (int(modality), np.asarray(code, np.float32).round(6).tobytes())
     cache = model._templates
-    if key not in cache:
+    template = cache.get(key)
+    if template is None:  # a local, so a batch thread's clear() between the two lines cannot lose it
         box, block = _canvas(model, int(modality))
-        drawn = model.fill(box, block, int(modality), code)
+        template = np.where(block, model.fill(box, block, int(modality), code), box).astype(np.float32)
         if len(cache) > 16:  # synthetic identities draw a new code per volume
             cache.clear()
-        cache[key] = np.where(block, drawn, box).astype(np.float32)
-    return cache[key]
+        cache[key] = template
+    return template
 
 
 
