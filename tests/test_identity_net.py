@@ -17,6 +17,8 @@ from semid.identity import saliency as sal
 MIN_DICE = 0.83
 #: The same on an oblique, LPS-stored, anisotropic copy of the volume (interpolated twice; 0.856 measured).
 MIN_DICE_OBLIQUE = 0.82
+#: Dice of the network's brain output on the same people (held-out seed-5 people: see ``brain_dice`` in the file).
+MIN_BRAIN_DICE = 0.90
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,32 @@ def test_network_finds_the_identity_region_of_unseen_people(network, visits, mod
     assert nw.dice(arr > 0.5, _truth(visit)) >= MIN_DICE
     # the modality tag on the phantom is enough
     assert nw.dice(sitk.GetArrayViewFromImage(network.predict(visit.image)) > 0.5, arr > 0.5) > 0.999
+
+
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_network_finds_the_brain_in_the_same_pass(network, visits, modality):
+    visit = visits[modality]
+    maps = network.predict_maps(visit.image, modality)
+    assert set(maps) == {"identity", "brain"} and network.outputs == ("identity", "brain")
+    assert all(_same_grid(m, visit.image) for m in maps.values())
+    brain = sitk.GetArrayViewFromImage(maps["brain"]) > 0.5
+    truth = np.isin(sitk.GetArrayViewFromImage(visit.labels), nw.BRAIN_LABELS)
+    assert nw.dice(brain, truth) >= MIN_BRAIN_DICE
+    identity = sitk.GetArrayViewFromImage(maps["identity"])
+    assert np.array_equal(identity, sitk.GetArrayViewFromImage(network.predict(visit.image, modality)))
+
+
+def test_weights_with_one_output_load_and_give_the_identity_region_only(visits, tmp_path):
+    import torch
+
+    arch = {**nw.ARCH, "out_channels": 1}
+    net = nw._build(arch)
+    path = tmp_path / "one_output.pt"
+    torch.save({"format": nw.FORMAT, "name": nw.NAME, "arch": arch, "state_dict": net.state_dict()}, path)
+    old = nw.IdentityNetwork.load(path)
+    assert old.outputs == ("identity",)
+    maps = old.predict_maps(visits["MR"].image, "MR")
+    assert list(maps) == ["identity"] and _same_grid(maps["identity"], visits["MR"].image)
 
 
 def test_prediction_keeps_an_oblique_lps_grid_exactly(network, visits):

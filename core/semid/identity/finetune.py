@@ -373,7 +373,13 @@ def finetune(pairs: Sequence[tuple[str | Path, str | Path]], out: Path | str,
         for sample in loader:
             x, y = sample["image"].to(device), sample["label"].to(device)
             logits = net(x)
-            loss = F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
+            loss = F.binary_cross_entropy_with_logits(logits[:, :1], y) + dice_loss(logits[:, :1], y)
+            if logits.shape[1] > 1:
+                # reviewed labels are identity regions only: the other outputs (the brain) are held to what
+                # the weights in use predict on the same sample, so fine-tuning does not unlearn them
+                with torch.no_grad():
+                    kept = torch.sigmoid(current.net(x)[:, 1:])
+                loss = loss + F.binary_cross_entropy_with_logits(logits[:, 1:], kept)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,9 +1,14 @@
-"""The learned identity map: a MONAI 3D U-Net that segments the identity region of a head, MR or CT.
+"""The learned identity map: a MONAI 3D U-Net that segments the identity region of a head, MR or CT,
+and the brain that blocking must keep off.
 
 The identity region is what the phantom population labels 3 (identity region: face soft tissue, nose,
 lips, eyes, ears, a thin forehead shell; the atlas region warped onto each phantom face, inside the
 head) and 5 (face-region lesions, which sit inside it). ``IdentityNetwork.predict`` gives the
-probability of that region for every voxel of any head volume, on the volume's own grid.
+probability of that region for every voxel of any head volume, on the volume's own grid;
+``predict_maps`` gives it together with the second output, the brain (labels 1 and 4), from the same
+pass. The pipeline keeps ``B_p`` off that brain as well as off the registered atlas brain: the atlas
+brain is the template's, moved by a fit to the cranium, and where a subject's brain is shaped
+differently it can reach past the atlas's margin (benchmarks/brain_margin.py).
 
 Processing (``prepare``), the same for training and inference:
 
@@ -32,11 +37,11 @@ held-out Dice is measured on the input (2 mm) grid, boundary losses included; a 
 (the label itself taken to 4 mm and back) would score 0.935.
 
 The committed weights (defaults: 24 + 6 subjects x 2 visits x MR, CT = 120 volumes, 1800 steps of
-2 volumes; 57 s of data and 13 min of training on one thread of a busy 2-core machine) score Dice
-0.866 (MR) and 0.874 (CT) on unseen seed-5 people, 0.865 and 0.876 on the benchmark's (seed 2026,
-measured only). On the real 1 mm T1w head, the network's region and the atlas region agree with Dice
-0.93 inside the head (0.86 on a CT made from it); the network's MR and CT regions agree with each
-other better (0.92) than the atlas fits to the two do (0.86).
+2 volumes; 58 s of data and 9.4 min of training on one thread of a 2-core machine) score Dice
+0.860 (MR) and 0.867 (CT) for the identity region on unseen seed-5 people, 0.861 and 0.870 on the
+benchmark's (seed 2026, measured only), and 0.954 and 0.951 for the brain (seed-5 people). The
+single-output weights before them scored 0.866 and 0.874: the brain output costs the region about
+0.007 Dice.
 
 Training (``train``, ``python -m semid.identity.network train`` or ``semid train identity``) uses
 ``semid.phantoms.Population(n, seed)`` visits, MR and CT, of the seed-5 population: never the
@@ -75,6 +80,11 @@ from semid.io import plain_metadata
 SPACING_MM = 4.0
 #: Phantom labels that make up the identity region: identity region (3) and face-region lesion (5).
 REGION_LABELS: tuple[int, ...] = (3, 5)
+#: Phantom labels of the brain (brain 1, brain lesion 4): the second output, which the pipeline keeps
+#: ``B_p`` off (the registered atlas brain alone missed one benchmark subject's brain by more than its margin).
+BRAIN_LABELS: tuple[int, ...] = (1, 4)
+#: The outputs, in channel order (weights with one output channel predate the brain).
+OUTPUTS: tuple[str, ...] = ("identity", "brain")
 #: Committed weights.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "models" / "identity_unet.pt"
 #: Population seed of the training data, and the seeds it must never be.
@@ -93,8 +103,8 @@ CLIP_MAX = 5.0
 MR_FOREGROUND_FRACTION = 0.1
 #: Batch norm, not instance norm: at inference the whole (zero-padded) volume goes through at once, and
 #: instance statistics would then differ from those of the 64^3 training canvas (cost 0.03 Dice in a trial).
-ARCH: dict[str, Any] = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": (16, 32, 48, 64, 96),
-                        "strides": (2, 2, 2, 2), "num_res_units": 1, "norm": "batch"}
+ARCH: dict[str, Any] = {"spatial_dims": 3, "in_channels": 1, "out_channels": len(OUTPUTS),
+                        "channels": (16, 32, 48, 64, 96), "strides": (2, 2, 2, 2), "num_res_units": 1, "norm": "batch"}
 #: Volumes (voxels, at SPACING_MM) up to this size run in one window; larger ones in 96^3 windows.
 WHOLE_VOLUME_VOXELS = 128**3
 FORMAT = 1
@@ -238,11 +248,17 @@ def prepare(image: sitk.Image, modality: str) -> tuple[np.ndarray, sitk.Image]:
     return normalise(x, modality), grid
 
 
-def region_target(labels: sitk.Image, grid: sitk.Image) -> np.ndarray:
-    """Training target on ``grid``: the fraction (0..1) of each voxel inside labels 3 or 5, float32 (z, y, x)."""
-    inside = sitk.GetImageFromArray(np.isin(sitk.GetArrayViewFromImage(labels), REGION_LABELS).astype(np.float32))
+def region_target(labels: sitk.Image, grid: sitk.Image, which: Sequence[int] = REGION_LABELS) -> np.ndarray:
+    """Training target on ``grid``: the fraction (0..1) of each voxel inside ``which`` labels (default the
+    identity region, 3 or 5), float32 (z, y, x)."""
+    inside = sitk.GetImageFromArray(np.isin(sitk.GetArrayViewFromImage(labels), which).astype(np.float32))
     inside.CopyInformation(labels)
     return np.clip(sitk.GetArrayFromImage(to_grid(sitk.DICOMOrient(inside, "RAS"), grid, 0.0)), 0.0, 1.0)
+
+
+def targets(labels: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """The training targets of every output (``OUTPUTS``) on ``grid``: float32 (C, z, y, x) fractions."""
+    return np.stack([region_target(labels, grid, REGION_LABELS), region_target(labels, grid, BRAIN_LABELS)])
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -389,8 +405,13 @@ class IdentityNetwork:
                 # set on weights fine-tuned from reviewed labels (semid.identity.finetune)
                 "finetuned": self.meta.get("finetuned")}
 
-    def predict_array(self, x: np.ndarray) -> np.ndarray:
-        """Probability (float32, same shape) of the identity region for a ``prepare``-d (z, y, x) array."""
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The maps this network gives, in channel order: ``("identity",)`` or ``("identity", "brain")``."""
+        return OUTPUTS[:int(self.meta.get("arch", ARCH).get("out_channels", 1))]
+
+    def predict_maps_array(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities (float32, (C, z, y, x), one channel per ``outputs``) for a ``prepare``-d array."""
         self.net.eval()
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None].to(self.device)
         with torch.inference_mode(), warnings.catch_warnings():
@@ -403,7 +424,27 @@ class IdentityNetwork:
                 from monai.inferers import sliding_window_inference  # large fields of view only
 
                 logits = sliding_window_inference(t, (96, 96, 96), 1, self.net, overlap=0.25, mode="gaussian")
-        return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+        return torch.sigmoid(logits)[0].float().cpu().numpy()
+
+    def predict_array(self, x: np.ndarray) -> np.ndarray:
+        """Probability (float32, same shape) of the identity region for a ``prepare``-d (z, y, x) array."""
+        return self.predict_maps_array(x)[0]
+
+    def predict_maps(self, image: sitk.Image, modality: str = "auto", reference: sitk.Image | None = None
+                     ) -> dict[str, sitk.Image]:
+        """Every map of ``outputs`` (identity region, and the brain where the weights have it) from one pass.
+
+        Args and geometry as :meth:`predict`; returns ``{name: float32 probability image}``.
+        """
+        image = check_volume(image)
+        modality = resolve_modality(image, modality)
+        x, grid = prepare(image, modality)
+        maps = {}
+        for name, arr in zip(self.outputs, self.predict_maps_array(x), strict=True):
+            prob = sitk.GetImageFromArray(arr)
+            prob.CopyInformation(grid)
+            maps[name] = to_input_grid(prob, image if reference is None else reference)
+        return maps
 
     def predict(self, image: sitk.Image, modality: str = "auto", reference: sitk.Image | None = None) -> sitk.Image:
         """Probability of the identity region, float32 in [0, 1], on ``image``'s own grid.
@@ -477,7 +518,8 @@ def _check_seed(seed: int) -> None:
 
 def _phantom_items(seed: int, subjects: Sequence[int], visits: Sequence[int], modalities: Sequence[str],
                    base: str = "small", log: Log = print) -> list[dict[str, Any]]:
-    """Prepared training items: ``{"x", "y", "name"}`` per visit and modality, both (z, y, x) on a 4 mm grid."""
+    """Prepared training items: ``{"x", "y", "name"}`` per visit and modality on a 4 mm grid: ``x`` (z, y, x),
+    ``y`` (C, z, y, x), the ``targets`` of every output."""
     from semid.phantoms import Population
 
     pop = Population(max(subjects) + 1, seed=seed, base=base, modalities=tuple(modalities))
@@ -489,7 +531,7 @@ def _phantom_items(seed: int, subjects: Sequence[int], visits: Sequence[int], mo
             for m in modalities:
                 v = subject.visit(j, m)
                 x, grid = prepare(v.image, m)
-                items.append({"x": x, "y": region_target(v.labels, grid),
+                items.append({"x": x, "y": targets(v.labels, grid),
                               "name": f"{base}/{subject.subject_id}/{v.visit_id}/{m}"})
         log(f"  {base}: {k + 1}/{len(subjects)} subjects ({time.time() - t0:.0f} s)")
     return items
@@ -497,14 +539,16 @@ def _phantom_items(seed: int, subjects: Sequence[int], visits: Sequence[int], mo
 
 def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, canvas: Sequence[int] = CANVAS
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One augmented sample on the training canvas: tensors (1, *canvas) for image and soft target.
+    """One augmented sample on the training canvas: tensors (1, *canvas) for the image and (C, *canvas) for
+    the soft targets ``y``, (C, z, y, x) or one target (z, y, x) (then C = 1).
 
     A random rotation (+-AUG_DEG about each axis), isotropic scale (1 +- AUG_SCALE), translation
     (+-AUG_MM) and left-right flip, applied to image and target together by one ``grid_sample``
     (trilinear, zero padding = background), then intensity scale and gamma (MR contrast, CT window
     drift) and a little noise on the image.
     """
-    xt = torch.from_numpy(np.stack([x, y]))[None]  # (1, 2, z, y, x)
+    y = y[None] if y.ndim == x.ndim else y  # one target (a reviewed label) or one per output
+    xt = torch.from_numpy(np.concatenate([x[None], y]))[None]  # (1, 1 + C, z, y, x)
     a = np.deg2rad(rng.uniform(-AUG_DEG, AUG_DEG, 3))
     rx = np.array([[1, 0, 0], [0, np.cos(a[0]), -np.sin(a[0])], [0, np.sin(a[0]), np.cos(a[0])]])
     ry = np.array([[np.cos(a[1]), 0, np.sin(a[1])], [0, 1, 0], [-np.sin(a[1]), 0, np.cos(a[1])]])
@@ -519,7 +563,7 @@ def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, canvas: Seq
     theta = np.zeros((3, 4))
     theta[:, :3] = np.diag(1.0 / half_in) @ m @ np.diag(half_out)
     theta[:, 3] = shift / half_in
-    grid = F.affine_grid(torch.from_numpy(theta).float()[None], [1, 2, *canvas], align_corners=False)
+    grid = F.affine_grid(torch.from_numpy(theta).float()[None], [1, xt.shape[1], *canvas], align_corners=False)
     out = F.grid_sample(xt.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     img, target = out[:1], out[1:].clamp(0.0, 1.0)
     img = img.clamp_min(0.0) ** float(rng.uniform(0.8, 1.25)) * float(rng.uniform(0.85, 1.15))
@@ -536,11 +580,14 @@ def _lr(step: int, steps: int, lr: float, warmup: int = 20) -> float:
 
 
 def evaluate(model: IdentityNetwork, seed: int, subjects: Sequence[int], visits: Sequence[int] = (0,),
-             modalities: Sequence[str] = ("MR", "CT"), base: str = "small", log: Log = print) -> dict[str, Any]:
-    """Dice of ``predict(...) > 0.5`` against labels 3 | 5 on the visits' own 2 mm grid, per modality.
+             modalities: Sequence[str] = ("MR", "CT"), base: str = "small", log: Log = print,
+             output: str = "identity") -> dict[str, Any]:
+    """Dice of the ``output`` map > 0.5 against its labels (identity: 3 | 5, brain: 1 | 4) on the visits'
+    own 2 mm grid, per modality.
 
     Returns ``{modality: {"mean", "min", "n"}}`` plus ``"all"``.
     """
+    labels_of = {"identity": REGION_LABELS, "brain": BRAIN_LABELS}[output]
     from semid.phantoms import Population
 
     pop = Population(max(subjects) + 1, seed=seed, base=base, modalities=tuple(modalities))
@@ -549,10 +596,10 @@ def evaluate(model: IdentityNetwork, seed: int, subjects: Sequence[int], visits:
         for j in visits:
             for m in modalities:
                 v = pop.subject(i).visit(j, m)
-                prob = sitk.GetArrayFromImage(model.predict(v.image, m))
-                d = dice(prob > 0.5, np.isin(sitk.GetArrayViewFromImage(v.labels), REGION_LABELS))
+                prob = sitk.GetArrayFromImage(model.predict_maps(v.image, m)[output])
+                d = dice(prob > 0.5, np.isin(sitk.GetArrayViewFromImage(v.labels), labels_of))
                 scores[m].append(d)
-                log(f"  seed {seed} {base} subject {i} visit {j} {m}: Dice {d:.4f}")
+                log(f"  seed {seed} {base} subject {i} visit {j} {m}: {output} Dice {d:.4f}")
     out: dict[str, Any] = {}
     for key, vals in [*scores.items(), ("all", [d for v in scores.values() for d in v])]:
         out[key] = {"mean": round(float(np.mean(vals)), 4), "min": round(float(np.min(vals)), 4), "n": len(vals)}
@@ -659,7 +706,8 @@ def train(out: Path | str = DEFAULT_WEIGHTS, n_subjects: int = TRAIN_SUBJECTS, n
 
     meta: dict[str, Any] = {
         "format": FORMAT, "name": NAME, "network": "monai.networks.nets.UNet", "arch": dict(ARCH),
-        "spacing_mm": SPACING_MM, "region_labels": list(REGION_LABELS), "output": "sigmoid probability",
+        "spacing_mm": SPACING_MM, "region_labels": list(REGION_LABELS), "brain_labels": list(BRAIN_LABELS),
+        "outputs": list(OUTPUTS), "output": "sigmoid probability per output",
         "normalisation": {"MR": f"/ median of voxels > {MR_FOREGROUND_FRACTION} x p99.5", "CT": "(HU + 1000) / 1000",
                           "clip": [0.0, CLIP_MAX]},
         "training": {
@@ -683,7 +731,10 @@ def train(out: Path | str = DEFAULT_WEIGHTS, n_subjects: int = TRAIN_SUBJECTS, n
                                    "dice": heldout}
     meta["training"]["benchmark_population"] = {"population": f"Population({heldout_subjects}, seed=2026), visit 0",
                                                 "dice": bench}
-    for name, res in (("held-out", heldout), ("benchmark", bench)):
+    log(f"held-out brain Dice (prob > 0.5 vs labels 1|4): seed {seed} subjects {held[0]}-{held[-1]}")
+    brain = evaluate(model, seed, held, (0,), modalities, "small", log, output="brain")
+    meta["training"]["heldout"]["brain_dice"] = brain
+    for name, res in (("held-out", heldout), ("benchmark", bench), ("held-out brain", brain)):
         log(f"{name}: " + ", ".join(f"{k} mean {v['mean']:.4f} min {v['min']:.4f}" for k, v in res.items()))
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     _save_atomic({**plain_metadata(meta), "state_dict": state}, out)
