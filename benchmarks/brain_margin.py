@@ -1,17 +1,21 @@
-"""Where ``B_1`` meets the phantoms' true brain, and what the 8 mm keep-out around the atlas brain does.
+"""Where ``B_1`` meets the phantoms' true brain, and what each brain keep-out does.
 
-For visit 1 of the first N subjects of seed 2026 (the benchmark's population), runs SemID's blocking at
-p = 1 (block-only: the fill does not change ``B_p``) and prints, per subject:
+``B_p`` keeps off the registered atlas brain (``BRAIN_MARGIN_MM``) and off the identity network's own
+brain (``NETWORK_BRAIN_MARGIN_MM``, islands of it not joined to the atlas brain ignored). For visit 1 of
+the first N subjects of seed 2026 (the benchmark's population), with SemID's blocking at p = 1
+(block-only: the fill does not change ``B_p``), it prints per subject:
 
-- the ground-truth brain voxels inside ``B_1`` (U2's "brain voxels changed" for every method using it);
+- the ground-truth brain voxels inside ``B_1`` with the atlas keep-out only and with both (U2's "brain
+  voxels changed" for every method using ``B_p``);
 - the ground-truth brain voxels farther than ``BRAIN_MARGIN_MM`` from the registered atlas brain (where
-  the keep-out cannot protect the brain, whatever holds to it);
-- the voxels of ``B_1`` within ``BRAIN_MARGIN_MM`` of the registered atlas brain (the identity network's
-  and the atlas's regions are held off it; the whole-head fit's face region only off the brain itself,
-  so these are what holding that region off too would take from ``B_1``);
-- the brain voxels inside ``B_1`` that would stay inside if it did (those beyond the margin).
+  the atlas keep-out alone cannot protect it);
+- what the network's keep-out takes from ``B_1`` at 4, 6 and 8 mm, in voxels, and how many of them are
+  the phantom's identity region (labels 3 and 5).
 
-Usage: ``python benchmarks/brain_margin.py [N]`` (default 16, the full benchmark's population).
+Then the same for visit 0 of the first M subjects with the atlas fits moved 12 mm back (posterior, into
+the head: a registration that is off), where the atlas's region reaches into the frontal brain.
+
+Usage: ``python benchmarks/brain_margin.py [N] [M]`` (defaults 16, the full benchmark's population, and 4).
 """
 
 from __future__ import annotations
@@ -24,37 +28,68 @@ from scipy import ndimage
 
 from semid import identity as idm
 from semid import phantoms as ph
+from semid import pipeline as pl
 from semid.eval.baselines import BlockFill
-from semid.pipeline import Deidentifier, FillContext
+from semid.identity import network as idnet
+from semid.identity import ranking
+
+MARGINS_MM = (4.0, 6.0, 8.0)
+SHIFT_MM = (0.0, 12.0, 0.0)  # LPS: +y is posterior
 
 
 class _ContextOf(BlockFill):
     """Block-only, keeping the pipeline's context (the registered atlas brain on the region's box)."""
 
-    def __call__(self, ctx: FillContext):  # noqa: ANN204
+    def __call__(self, ctx: pl.FillContext):  # noqa: ANN204
         self.ctx = ctx
         return super().__call__(ctx)
 
 
-def main(n: int) -> None:
-    pop = ph.Population(n, 2026)
-    margin = idm.BRAIN_MARGIN_MM
-    print(f"| subject | brain voxels in B_1 | brain voxels > {margin:g} mm from the atlas brain | "
-          f"B_1 voxels < {margin:g} mm from the atlas brain | brain voxels in B_1 beyond the margin |")
-    print("|---|---:|---:|---:|---:|")
+def _row(visit: ph.Visit, shift: tuple[float, float, float] | None) -> list[str]:
+    location = pl.Deidentifier(1.0).locate(visit.image)
+    if shift is not None:
+        location = location.moved(shift)
+    fill = _ContextOf()
+    touching = pl._touching
+    pl._touching = lambda mask, anchor: np.zeros_like(mask)  # B_1 with the atlas keep-out only
+    try:
+        pl.Deidentifier(1.0, fill=fill).run(visit.image, location=location)
+    finally:
+        pl._touching = touching
+    ctx = fill.ctx
+    labels = sitk.GetArrayFromImage(visit.labels)[ctx.roi_slices]
+    brain = np.isin(labels, (ph.BRAIN, ph.BRAIN_LESION))
+    region = np.isin(labels, (ph.IDENTITY, ph.FACE_LESION))
+    # scipy's exact distance on the region's box (about a million voxels): a one-off analysis
+    far = ndimage.distance_transform_edt(~ctx.brain, sampling=ctx.roi.GetSpacing()[::-1]) > idm.BRAIN_MARGIN_MM
+    maps = idnet.load_cached().predict_maps(visit.image, visit.modality, reference=ctx.roi)
+    net_brain = pl._touching(sitk.GetArrayFromImage(maps["brain"]) > 0.5, ctx.brain)
+    cells = [str(int((ctx.blocked & brain).sum())), str(int((brain & far).sum()))]
+    for margin in MARGINS_MM:
+        taken = ctx.blocked & (ranking.distance_near(net_brain, ctx.roi.GetSpacing(), margin) < margin)
+        cells.append(f"{int((ctx.blocked & ~taken & brain).sum())} / {int(taken.sum())} / "
+                     f"{int((taken & region).sum())}")
+    return [str(int(ctx.blocked.sum())), *cells]
+
+
+def main(n: int, m: int) -> None:
+    pop = ph.Population(max(n, m), 2026)
+    head = ("| subject | B_1 voxels | brain voxels in B_1, atlas keep-out only | brain voxels > "
+            f"{idm.BRAIN_MARGIN_MM:g} mm from the atlas brain | "
+            + " | ".join(f"network keep-out {g:g} mm: brain left / B_1 taken / identity taken" for g in MARGINS_MM)
+            + " |")
+    rule = "|---|" + "---:|" * (3 + len(MARGINS_MM))
+    print(f"Fitted as the pipeline fits (visit 1); the pipeline uses {pl.NETWORK_BRAIN_MARGIN_MM:g} mm\n")
+    print(head)
+    print(rule)
     for i in range(n):
-        visit = pop.subject(i).visit(1)
-        fill = _ContextOf()
-        Deidentifier(1.0, fill=fill).run(visit.image)
-        ctx = fill.ctx
-        labels = sitk.GetArrayFromImage(visit.labels)[ctx.roi_slices]
-        brain = np.isin(labels, (ph.BRAIN, ph.BRAIN_LESION))
-        # scipy's exact distance on the region's box (about a million voxels): a one-off analysis
-        dist = ndimage.distance_transform_edt(~ctx.brain, sampling=ctx.roi.GetSpacing()[::-1])
-        hits = ctx.blocked & brain
-        print(f"| {i} | {int(hits.sum())} | {int((brain & (dist > margin)).sum())} | "
-              f"{int((ctx.blocked & (dist < margin)).sum())} | {int((hits & (dist >= margin)).sum())} |")
+        print(f"| {i} | " + " | ".join(_row(pop.subject(i).visit(1), None)) + " |")
+    print(f"\nAtlas fits moved {SHIFT_MM[1]:g} mm back (visit 0)\n")
+    print(head)
+    print(rule)
+    for i in range(m):
+        print(f"| {i} | " + " | ".join(_row(pop.subject(i).visit(0), SHIFT_MM)) + " |")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 16)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 16, int(sys.argv[2]) if len(sys.argv) > 2 else 4)

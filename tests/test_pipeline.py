@@ -231,3 +231,40 @@ def test_boxes_around_cover_each_part_with_its_margin_and_merge_overlaps():
     scattered = np.zeros_like(mask)
     scattered[::7, ::7, ::7] = True  # more parts than MAX_FILL_BOXES: one box around them all
     assert boxes_around(scattered, (1.0, 1.0, 1.0), 1.0) == [(slice(0, 58), slice(0, 50), slice(0, 37))]
+
+
+class _KeepContext:
+    """A fill (block-only: air in ``B_p``) that keeps the pipeline's context for the test to read."""
+
+    name = "keep-context"
+    description = "block-only, context kept for a test"
+
+    def __call__(self, ctx):  # noqa: ANN204
+        self.ctx = ctx
+        return np.zeros(ctx.roi_arr.shape, ctx.roi_arr.dtype)
+
+
+def test_block_keeps_off_the_subjects_own_brain_when_the_atlas_fit_is_off():
+    """With the atlas fit moved 12 mm back (into the head), the atlas's region reaches into the frontal
+    brain and its own brain keep-out moves away from it: the identity network's brain, found in the
+    subject's image, keeps ``B_1`` off nearly all of it; the atlas alone does not."""
+    from semid import phantoms as ph
+
+    visit = ph.Population(1, 2026).subject(0).visit(0)
+    location = Deidentifier(1.0).locate(visit.image).moved((0.0, 12.0, 0.0))  # LPS: +y is posterior
+    brain = np.isin(sitk.GetArrayViewFromImage(visit.labels), (ph.BRAIN, ph.BRAIN_LESION))
+
+    def brain_in_block(identity: str):
+        result = Deidentifier(1.0, identity=identity, fill=_KeepContext()).run(visit.image, location=location)
+        return int((brain & (sitk.GetArrayViewFromImage(result.mask) > 0)).sum()), result.record
+
+    atlas_only, _ = brain_in_block("atlas")
+    assert atlas_only > 1000, "the shifted fit should reach into the brain"
+    with_network, record = brain_in_block("auto")
+    assert "identity network's brain" in record["brain_keep_out"]
+    # 1513 -> 32 measured (the network's brain edge lies a few mm inside the true one, pipeline.py)
+    assert with_network < 0.05 * atlas_only, (with_network, atlas_only)
+    # on the same head fitted right, the keep-out takes little from B_1 (319 voxels of 306 thousand measured)
+    fitted = Deidentifier(1.0, fill=_KeepContext()).run(visit.image)
+    assert fitted.record["region_voxels_kept_off_network_brain"] < 3e-3 * fitted.record["blocked_voxels"]
+    assert int((brain & (sitk.GetArrayViewFromImage(fitted.mask) > 0)).sum()) == 0
