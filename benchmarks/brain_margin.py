@@ -1,7 +1,7 @@
 """Where ``B_1`` meets the phantoms' true brain, and what each brain keep-out does.
 
 ``B_p`` keeps off the registered atlas brain (``BRAIN_MARGIN_MM``) and off the identity network's own
-brain (``NETWORK_BRAIN_MARGIN_MM``, islands of it not joined to the atlas brain ignored). For visit 1 of
+brain (``NETWORK_BRAIN_MARGIN_MM``, its largest piece, distance on the network's 4 mm grid). For visit 1 of
 the first N subjects of seed 2026 (the benchmark's population), with SemID's blocking at p = 1
 (block-only: the fill does not change ``B_p``), it prints per subject:
 
@@ -9,7 +9,7 @@ the first N subjects of seed 2026 (the benchmark's population), with SemID's blo
   voxels changed" for every method using ``B_p``);
 - the ground-truth brain voxels farther than ``BRAIN_MARGIN_MM`` from the registered atlas brain (where
   the atlas keep-out alone cannot protect it);
-- what the network's keep-out takes from ``B_1`` at 4, 6 and 8 mm, in voxels, and how many of them are
+- what the network's keep-out takes from ``B_1`` at 4, 5, 6 and 8 mm, in voxels, and how many of them are
   the phantom's identity region (labels 3 and 5).
 
 Then the same for visit 0 of the first M subjects with the atlas fits moved 12 mm back (posterior, into
@@ -31,9 +31,8 @@ from semid import phantoms as ph
 from semid import pipeline as pl
 from semid.eval.baselines import BlockFill
 from semid.identity import network as idnet
-from semid.identity import ranking
 
-MARGINS_MM = (4.0, 6.0, 8.0)
+MARGINS_MM = (4.0, 5.0, 6.0, 8.0)
 SHIFT_MM = (0.0, 12.0, 0.0)  # LPS: +y is posterior
 
 
@@ -50,23 +49,24 @@ def _row(visit: ph.Visit, shift: tuple[float, float, float] | None) -> list[str]
     if shift is not None:
         location = location.moved(shift)
     fill = _ContextOf()
-    touching = pl._touching
-    pl._touching = lambda mask, anchor: np.zeros_like(mask)  # B_1 with the atlas keep-out only
+    margin_in_use = pl.NETWORK_BRAIN_MARGIN_MM
+    pl.NETWORK_BRAIN_MARGIN_MM = -idnet.FAR_MM  # B_1 with the atlas keep-out only
     try:
         pl.Deidentifier(1.0, fill=fill).run(visit.image, location=location)
     finally:
-        pl._touching = touching
+        pl.NETWORK_BRAIN_MARGIN_MM = margin_in_use
     ctx = fill.ctx
     labels = sitk.GetArrayFromImage(visit.labels)[ctx.roi_slices]
     brain = np.isin(labels, (ph.BRAIN, ph.BRAIN_LESION))
     region = np.isin(labels, (ph.IDENTITY, ph.FACE_LESION))
     # scipy's exact distance on the region's box (about a million voxels): a one-off analysis
     far = ndimage.distance_transform_edt(~ctx.brain, sampling=ctx.roi.GetSpacing()[::-1]) > idm.BRAIN_MARGIN_MM
-    maps = idnet.load_cached().predict_maps(visit.image, visit.modality, reference=ctx.roi)
-    net_brain = pl._touching(sitk.GetArrayFromImage(maps["brain"]) > 0.5, ctx.brain)
+    maps = idnet.load_cached().predict_maps(visit.image, visit.modality, reference=ctx.roi,
+                                            outputs=("brain_distance_mm",))
+    net_brain_mm = sitk.GetArrayFromImage(maps["brain_distance_mm"])
     cells = [str(int((ctx.blocked & brain).sum())), str(int((brain & far).sum()))]
     for margin in MARGINS_MM:
-        taken = ctx.blocked & (ranking.distance_near(net_brain, ctx.roi.GetSpacing(), margin) < margin)
+        taken = ctx.blocked & (net_brain_mm < margin)
         cells.append(f"{int((ctx.blocked & ~taken & brain).sum())} / {int(taken.sum())} / "
                      f"{int((taken & region).sum())}")
     return [str(int(ctx.blocked.sum())), *cells]

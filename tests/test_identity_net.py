@@ -74,6 +74,35 @@ def test_network_finds_the_brain_in_the_same_pass(network, visits, modality):
     assert np.array_equal(identity, sitk.GetArrayViewFromImage(network.predict(visit.image, modality)))
 
 
+def test_brain_distance_is_to_the_largest_piece_on_any_grid():
+    """A 40 mm ball (the brain) and a small cube far from it (an island) on the 4 mm grid; the distance
+    on a 1 mm grid that is oblique to it follows the ball's exact distance and ignores the island."""
+    grid = sitk.Image([40, 40, 40], sitk.sitkFloat32)
+    grid.SetSpacing([4.0] * 3)
+    centre = np.array([80.0, 80.0, 80.0])
+    pts = np.stack(np.meshgrid(*[np.arange(40) * 4.0] * 3, indexing="ij"), axis=-1)[..., ::-1]  # (z, y, x) -> xyz
+    prob = (np.linalg.norm(pts - centre, axis=-1) < 40.0).astype(np.float32)
+    prob[2:5, 2:5, 2:5] = 1.0  # the island, about 100 mm from the ball
+    target = sitk.Image([61, 61, 61], sitk.sitkFloat32)
+    target.SetOrigin([50.0, 50.0, 20.0])
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    target.SetDirection([c, -s_, 0.0, s_, c, 0.0, 0.0, 0.0, 1.0])
+    dist = sitk.GetArrayFromImage(nw._brain_distance(prob, grid, target))
+    assert dist.shape == (61, 61, 61)
+    idx = np.stack(np.meshgrid(*[np.arange(61)] * 3, indexing="ij"), axis=-1)[..., ::-1].reshape(-1, 3)
+    world = np.array([target.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx[::97]])
+    exact = np.linalg.norm(world - centre, axis=-1) - 40.0
+    got = dist.reshape(-1)[::97]
+    # outside the brain, where the keep-out is decided: measured median error 0.6-0.9 mm, largest 2.5 mm
+    near = (exact > 0.0) & (exact < 20.0)
+    assert np.median(np.abs(got - exact)[near]) < 1.2 and np.abs(got - exact)[near].max() < 3.0
+    assert (got[exact < -5.0] < 0.0).all()  # inside it is only negative
+    far_from_ball = sitk.GetArrayFromImage(nw._brain_distance(prob, grid, grid))[3, 3, 3]
+    assert far_from_ball > 60.0  # the island is not the brain
+    empty = sitk.GetArrayViewFromImage(nw._brain_distance(np.zeros_like(prob), grid, target))
+    assert float(empty.min()) == nw.FAR_MM
+
+
 def test_weights_with_one_output_load_and_give_the_identity_region_only(visits, tmp_path):
     import torch
 

@@ -330,13 +330,14 @@ class SurfaceFill:
 
 #: Dice (inside the head) below which the identity network's region is not trusted and the atlas's is used.
 MIN_NETWORK_AGREEMENT = 0.6
-#: Distance (mm) ``B_p`` keeps from the identity network's own brain (probability > 0.5). The network's
-#: brain edge lies up to a few mm inside the true one (4 mm grid); the phantoms' identity region ends
-#: 4-6 mm short of their brain. ``benchmarks/brain_margin.py``: with the atlas fits 12 mm off, 1231-1867
-#: brain voxels of B_1 became 110-248 at 4 mm, 18-32 at 6 mm, 0-1 at 8 mm; on the 16 benchmark heads
-#: fitted as usual, 6 mm takes 112-612 voxels (5-90 of the identity region) from a B_1 of about 300
-#: thousand, 8 mm 761-1996 (263-665).
-NETWORK_BRAIN_MARGIN_MM = 6.0
+#: Distance (mm) ``B_p`` keeps from the surface of the identity network's own brain (its largest piece at
+#: probability > 0.5, ``predict_maps``' ``brain_distance_mm``, measured on the network's 4 mm grid). The
+#: network's brain edge lies up to a few mm inside the true one; the phantoms' identity region ends 4-6 mm
+#: short of their brain. ``benchmarks/brain_margin.py``: with the atlas fits 12 mm off, 1231-1867 brain
+#: voxels of B_1 became 42-88 at 4 mm, 12-29 at 5 mm, 4-6 at 6 mm; on the 16 benchmark heads fitted as
+#: usual, 5 mm takes 184-739 voxels (15-159 of the identity region) from a B_1 of about 300 thousand,
+#: 6 mm 458-1431 (128-414).
+NETWORK_BRAIN_MARGIN_MM = 5.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -467,7 +468,7 @@ class Deidentifier:
         record_extra: dict = {"identity_region_ml": 0.0}
         fill_record: dict = {}
         identity_record: dict = {"identity_source": "atlas-registration"}
-        net_brain: np.ndarray | None = None
+        net_brain_mm: np.ndarray | None = None
         if roi_size is not None:
             roi = sitk.RegionOfInterest(image, roi_size, roi_index)
             to_atlas = location.to_atlas
@@ -489,7 +490,7 @@ class Deidentifier:
             if self.identity != "atlas":
                 learned = self._learned_identity(image, roi, sl, modality, score, region, face_region, brain,
                                                  head_roi)
-                score_net, region_net, identity_record, net_brain = learned
+                score_net, region_net, identity_record, net_brain_mm = learned
                 if score_net is not None:
                     score, region = score_net, region_net
             added = face_region & ~region
@@ -498,10 +499,8 @@ class Deidentifier:
             # the atlas brain is registered, so it can sit a little off the subject's; the network's brain
             # is the subject's own: B_p keeps off both (the keep-out does not depend on p, so B_p stays nested)
             identity_record["brain_keep_out"] = f"registered atlas brain (+{idm.BRAIN_MARGIN_MM:g} mm)"
-            if net_brain is not None:
-                net_brain = _touching(net_brain, brain)
-                keep_out = ranking.distance_near(net_brain, image.GetSpacing(),
-                                                 NETWORK_BRAIN_MARGIN_MM) < NETWORK_BRAIN_MARGIN_MM
+            if net_brain_mm is not None:
+                keep_out = net_brain_mm < NETWORK_BRAIN_MARGIN_MM
                 identity_record["brain_keep_out"] += f" and identity network's brain (+{NETWORK_BRAIN_MARGIN_MM:g} mm)"
                 identity_record["region_voxels_kept_off_network_brain"] = int((region & keep_out).sum())
                 region &= ~keep_out
@@ -567,7 +566,8 @@ class Deidentifier:
         """``s(x)``, the region and the brain from the identity network (plus, with ``saliency``, the
         re-identification saliency; else the atlas score orders the region), on the ROI (``roi``, the
         slices ``sl`` of ``image``); no score and region (None) when the network is not installed or
-        disagrees with the atlas region (then the atlas is used). The brain is None for weights without it."""
+        disagrees with the atlas region (then the atlas is used). The brain is the signed distance (mm) to
+        the network's brain (``predict_maps``' ``brain_distance_mm``), None for weights without it."""
         try:
             from semid.identity import network as idnet
         except ImportError as exc:  # the core install has no torch/MONAI
@@ -582,11 +582,12 @@ class Deidentifier:
             return None, None, {"identity_source": "atlas-registration (no identity network installed)"}, None
         # weights named explicitly must be there: a missing file is an error, not a silent fallback
         net = idnet.load_cached(self.identity_weights)
-        maps = net.predict_maps(image, modality, reference=roi)
+        wanted = ("identity", "brain_distance_mm") if "brain" in net.outputs else ("identity",)
+        maps = net.predict_maps(image, modality, reference=roi, outputs=wanted)
         prob = sitk.GetArrayFromImage(maps["identity"])
         # the brain is kept even where the region is not trusted below: a disagreement may be the atlas fit's
-        # fault, and the brain only ever takes voxels out of B_p (islands of it are dropped, see _touching)
-        net_brain = sitk.GetArrayFromImage(maps["brain"]) > 0.5 if "brain" in maps else None
+        # fault, and the brain only ever takes voxels out of B_p (islands of it are left out by predict_maps)
+        net_brain_mm = sitk.GetArrayFromImage(maps["brain_distance_mm"]) if "brain_distance_mm" in maps else None
         # holes (sinus air, a dark orbit the network is unsure of) join the region: an unblocked island
         # inside a blocked face would keep a piece of the original in place
         tissue = idm.fill_holes(ranking.region_from_prob(prob))
@@ -601,7 +602,7 @@ class Deidentifier:
         if check["dice"] < MIN_NETWORK_AGREEMENT:
             record["identity_source"] = (f"atlas-registration (the network's region agreed with the atlas's "
                                          f"only at Dice {check['dice']:.2f} < {MIN_NETWORK_AGREEMENT})")
-            return None, None, record, net_brain
+            return None, None, record, net_brain_mm
         # the network segments tissue; the air in front of the face joins the region as in the atlas,
         # so a fill may draw a face that sticks out further than the original. The network adds to the
         # atlas's region and never removes from it: on the real head its region alone left enough of
@@ -618,7 +619,7 @@ class Deidentifier:
         # voxels of the air margin have no network probability: they rank by the order alone, last
         score = np.zeros(region.shape, np.float32)
         score[region] = np.maximum(ranking.combine(prob, order)[region], 1e-3 * order[region] + 1e-9)
-        return score, region, record, net_brain
+        return score, region, record, net_brain_mm
 
     def _untouched(self, image: sitk.Image) -> DeidResult:
         """Level 0 (``off``): the input as it is, nothing blocked, no registration needed."""
@@ -674,17 +675,6 @@ def _roi_of(score: sitk.Image, templates_to_subject: Sequence[sitk.Transform],
     if np.any(stop <= start):
         return [0, 0, 0], None
     return start.tolist(), (stop - start).tolist()
-
-
-def _touching(mask: np.ndarray, anchor: np.ndarray) -> np.ndarray:
-    """The connected parts (face-connected) of ``mask`` that overlap ``anchor``, both boolean (z, y, x).
-
-    The identity network's brain is trusted where it joins the registered atlas brain: an island of it
-    elsewhere (a dark orbit taken for brain on an unusual head) would punch a hole into ``B_p``.
-    """
-    parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
-    keep = np.unique(parts[mask & anchor])
-    return np.isin(parts, keep[keep > 0])
 
 
 def _roi_slices(index: list[int], size: list[int]) -> tuple[slice, slice, slice]:

@@ -430,20 +430,39 @@ class IdentityNetwork:
         """Probability (float32, same shape) of the identity region for a ``prepare``-d (z, y, x) array."""
         return self.predict_maps_array(x)[0]
 
-    def predict_maps(self, image: sitk.Image, modality: str = "auto", reference: sitk.Image | None = None
-                     ) -> dict[str, sitk.Image]:
-        """Every map of ``outputs`` (identity region, and the brain where the weights have it) from one pass.
+    def predict_maps(self, image: sitk.Image, modality: str = "auto", reference: sitk.Image | None = None,
+                     outputs: Sequence[str] | None = None) -> dict[str, sitk.Image]:
+        """Maps of one pass of the network, on ``image``'s (or ``reference``'s) grid as :meth:`predict`.
 
-        Args and geometry as :meth:`predict`; returns ``{name: float32 probability image}``.
+        Args:
+            image, modality, reference: as :meth:`predict`.
+            outputs: which maps (default: every one of ``outputs``): ``"identity"`` and ``"brain"``
+                (probabilities), and for weights with the brain ``"brain_distance_mm"``: the signed
+                distance in mm (negative inside) to the surface of the brain's largest connected piece at
+                probability > 0.5. It is computed on the 4 mm processing grid and interpolated (linear):
+                a fraction of the cost of an exact one on a 1 mm grid, and islands that are not the
+                brain (a dark orbit taken for it) are left out.
+
+        Returns:
+            ``{name: float32 image}``.
         """
+        wanted = tuple(self.outputs if outputs is None else outputs)
+        unknown = set(wanted) - set(self.outputs) - ({"brain_distance_mm"} if "brain" in self.outputs else set())
+        if unknown:
+            raise ValueError(f"this network gives {self.outputs}, not {sorted(unknown)}")
         image = check_volume(image)
         modality = resolve_modality(image, modality)
         x, grid = prepare(image, modality)
+        probs = dict(zip(self.outputs, self.predict_maps_array(x), strict=True))
+        target = image if reference is None else reference
         maps = {}
-        for name, arr in zip(self.outputs, self.predict_maps_array(x), strict=True):
-            prob = sitk.GetImageFromArray(arr)
+        for name in wanted:
+            if name == "brain_distance_mm":
+                maps[name] = _brain_distance(probs["brain"], grid, target)
+                continue
+            prob = sitk.GetImageFromArray(probs[name])
             prob.CopyInformation(grid)
-            maps[name] = to_input_grid(prob, image if reference is None else reference)
+            maps[name] = to_input_grid(prob, target)
         return maps
 
     def predict(self, image: sitk.Image, modality: str = "auto", reference: sitk.Image | None = None) -> sitk.Image:
@@ -467,6 +486,50 @@ class IdentityNetwork:
         prob = sitk.GetImageFromArray(self.predict_array(x))
         prob.CopyInformation(grid)
         return to_input_grid(prob, image if reference is None else reference)
+
+
+#: Distance (mm) given where the brain distance map is asked for off the processing grid.
+FAR_MM = 1.0e4
+#: Cell (mm) on which the brain distance is interpolated before it is spread over the finer voxels.
+DISTANCE_CELL_MM = 2.0
+
+
+def _brain_distance(prob: np.ndarray, grid: sitk.Image, target: sitk.Image) -> sitk.Image:
+    """Signed distance (mm, negative inside) to the largest connected piece of ``prob > 0.5`` (on
+    ``grid``), on ``target``'s grid; ``FAR_MM`` everywhere when there is no brain. Outside the piece (where
+    the pipeline's keep-out is decided) it follows the exact distance to about 1 mm
+    (``tests/test_identity_net.py``); inside it is only negative.
+
+    Interpolated (linear) at the centres of cells of about ``DISTANCE_CELL_MM`` (whole voxels of
+    ``target``; a voxel that size or larger is its own cell), each voxel taking its cell's value: the
+    distance is off by at most half a cell's diagonal (1.7 mm on a 1 mm grid), and a 1 mm head's region
+    box (ten million voxels) costs an eighth of an interpolation at every voxel.
+    """
+    inside = sitk.GetImageFromArray((prob > 0.5).astype(np.uint8))
+    inside.CopyInformation(grid)
+    pieces = sitk.RelabelComponent(sitk.ConnectedComponent(inside), sortByObjectSize=True)
+    brain = sitk.Equal(pieces, 1)
+    if not sitk.GetArrayViewFromImage(brain).any():
+        out = sitk.Image(target.GetSize(), sitk.sitkFloat32) + FAR_MM
+        out.CopyInformation(target)
+        return out
+    # ITK measures to the nearest voxel centre of the piece; its surface lies half a voxel further out
+    dist = sitk.SignedMaurerDistanceMap(brain, insideIsPositive=False, squaredDistance=False,
+                                        useImageSpacing=True) - 0.5 * max(grid.GetSpacing())
+    spacing, size = np.array(target.GetSpacing()), np.array(target.GetSize())
+    stride = np.maximum(1, np.round(DISTANCE_CELL_MM / spacing)).astype(int)  # (x, y, z)
+    cells = sitk.Image([int(v) for v in -(-size // stride)], sitk.sitkFloat32)
+    cells.SetSpacing((spacing * stride).tolist())
+    cells.SetDirection(target.GetDirection())
+    cells.SetOrigin(target.TransformContinuousIndexToPhysicalPoint(((stride - 1) / 2.0).tolist()))
+    arr = sitk.GetArrayFromImage(sitk.Resample(dist, cells, sitk.Transform(), sitk.sitkLinear, FAR_MM,
+                                               sitk.sitkFloat32))
+    for axis, k in enumerate(stride[::-1]):  # numpy (z, y, x)
+        if k > 1:
+            arr = np.repeat(arr, k, axis=axis)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr[:size[2], :size[1], :size[0]]))
+    out.CopyInformation(target)
+    return out
 
 
 _LOADED: dict[str, tuple[tuple[int, int, int], IdentityNetwork]] = {}
