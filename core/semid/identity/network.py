@@ -812,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m semid.identity.network", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train the identity-region U-Net on phantoms and write its weights")
+    tr = sub.add_parser("train", help="train the identity-region (and brain) U-Net on phantoms and write its weights")
     tr.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="weights file (default: the committed one)")
     tr.add_argument("--subjects", type=int, default=TRAIN_SUBJECTS, help="subjects on the real T1w base head")
     tr.add_argument("--mean-subjects", type=int, default=TRAIN_MEAN_SUBJECTS, help="subjects on the average head")
