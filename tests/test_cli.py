@@ -132,3 +132,12 @@ def test_read_only_output_place_is_refused(sample_head, tmp_path):
     # /sys refuses new files even to root, unlike a chmod'ed folder
     proc = semid("deidentify", str(sample_head), "/sys/semid-test/out.nii.gz")
     _assert_clean_failure(proc, "read-only")
+
+
+def test_train_reaches_a_models_other_steps_and_trains_by_default():
+    """`semid train generator canvas` (named in the README) is the generator's canvas step, not `train canvas`;
+    flags alone go to the training step."""
+    canvas = semid("train", "generator", "canvas", "--help")
+    assert canvas.returncode == 0 and "usage: semid train generator canvas" in canvas.stdout, canvas.stderr
+    train = semid("train", "generator", "--help")
+    assert train.returncode == 0 and "--make-samples" in train.stdout, train.stderr

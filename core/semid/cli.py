@@ -261,7 +261,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
     module = importlib.import_module(TRAINABLE[args.model])
-    return int(module.main(["train", *args.rest]) or 0)
+    rest = list(args.rest)
+    # a model's other steps are named first (`semid train generator samples|canvas`); training is the default
+    return int(module.main(rest if rest and not rest[0].startswith("-") else ["train", *rest]) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
