@@ -468,7 +468,7 @@ class Deidentifier:
         record_extra: dict = {"identity_region_ml": 0.0}
         fill_record: dict = {}
         identity_record: dict = {"identity_source": "atlas-registration"}
-        net_brain_mm: np.ndarray | None = None
+        net_keep_out: np.ndarray | None = None
         if roi_size is not None:
             roi = sitk.RegionOfInterest(image, roi_size, roi_index)
             to_atlas = location.to_atlas
@@ -490,7 +490,7 @@ class Deidentifier:
             if self.identity != "atlas":
                 learned = self._learned_identity(image, roi, sl, modality, score, region, face_region, brain,
                                                  head_roi)
-                score_net, region_net, identity_record, net_brain_mm = learned
+                score_net, region_net, identity_record, net_keep_out = learned
                 if score_net is not None:
                     score, region = score_net, region_net
             added = face_region & ~region
@@ -499,11 +499,10 @@ class Deidentifier:
             # the atlas brain is registered, so it can sit a little off the subject's; the network's brain
             # is the subject's own: B_p keeps off both (the keep-out does not depend on p, so B_p stays nested)
             identity_record["brain_keep_out"] = f"registered atlas brain (+{idm.BRAIN_MARGIN_MM:g} mm)"
-            if net_brain_mm is not None:
-                keep_out = net_brain_mm < NETWORK_BRAIN_MARGIN_MM
+            if net_keep_out is not None:
                 identity_record["brain_keep_out"] += f" and identity network's brain (+{NETWORK_BRAIN_MARGIN_MM:g} mm)"
-                identity_record["region_voxels_kept_off_network_brain"] = int((region & keep_out).sum())
-                region &= ~keep_out
+                identity_record["region_voxels_kept_off_network_brain"] = int((region & net_keep_out).sum())
+                region &= ~net_keep_out
             blocked = nested_block(score, region, self.level)
             lap("identity_map")
             say("filling the blocked region")
@@ -567,7 +566,8 @@ class Deidentifier:
         re-identification saliency; else the atlas score orders the region), on the ROI (``roi``, the
         slices ``sl`` of ``image``); no score and region (None) when the network is not installed or
         disagrees with the atlas region (then the atlas is used). The brain is the signed distance (mm) to
-        the network's brain (``predict_maps``' ``brain_distance_mm``), None for weights without it."""
+        the voxels within ``NETWORK_BRAIN_MARGIN_MM`` of the network's brain (``predict_maps``'
+        ``brain_distance_mm``; bool, the ROI's shape), None for weights without it."""
         try:
             from semid.identity import network as idnet
         except ImportError as exc:  # the core install has no torch/MONAI
@@ -587,7 +587,9 @@ class Deidentifier:
         prob = sitk.GetArrayFromImage(maps["identity"])
         # the brain is kept even where the region is not trusted below: a disagreement may be the atlas fit's
         # fault, and the brain only ever takes voxels out of B_p (islands of it are left out by predict_maps)
-        net_brain_mm = sitk.GetArrayFromImage(maps["brain_distance_mm"]) if "brain_distance_mm" in maps else None
+        # thresholded in ITK: a bool array of the ROI rather than a float copy of it (40 MB on a 1 mm head)
+        net_keep_out = (sitk.GetArrayFromImage(sitk.Less(maps.pop("brain_distance_mm"), NETWORK_BRAIN_MARGIN_MM))
+                        .view(bool) if "brain_distance_mm" in maps else None)
         # holes (sinus air, a dark orbit the network is unsure of) join the region: an unblocked island
         # inside a blocked face would keep a piece of the original in place
         tissue = idm.fill_holes(ranking.region_from_prob(prob))
@@ -602,7 +604,7 @@ class Deidentifier:
         if check["dice"] < MIN_NETWORK_AGREEMENT:
             record["identity_source"] = (f"atlas-registration (the network's region agreed with the atlas's "
                                          f"only at Dice {check['dice']:.2f} < {MIN_NETWORK_AGREEMENT})")
-            return None, None, record, net_brain_mm
+            return None, None, record, net_keep_out
         # the network segments tissue; the air in front of the face joins the region as in the atlas,
         # so a fill may draw a face that sticks out further than the original. The network adds to the
         # atlas's region and never removes from it: on the real head its region alone left enough of
@@ -619,7 +621,7 @@ class Deidentifier:
         # voxels of the air margin have no network probability: they rank by the order alone, last
         score = np.zeros(region.shape, np.float32)
         score[region] = np.maximum(ranking.combine(prob, order)[region], 1e-3 * order[region] + 1e-9)
-        return score, region, record, net_brain_mm
+        return score, region, record, net_keep_out
 
     def _untouched(self, image: sitk.Image) -> DeidResult:
         """Level 0 (``off``): the input as it is, nothing blocked, no registration needed."""

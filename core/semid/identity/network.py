@@ -522,14 +522,10 @@ def _brain_distance(prob: np.ndarray, grid: sitk.Image, target: sitk.Image) -> s
     cells.SetSpacing((spacing * stride).tolist())
     cells.SetDirection(target.GetDirection())
     cells.SetOrigin(target.TransformContinuousIndexToPhysicalPoint(((stride - 1) / 2.0).tolist()))
-    arr = sitk.GetArrayFromImage(sitk.Resample(dist, cells, sitk.Transform(), sitk.sitkLinear, FAR_MM,
-                                               sitk.sitkFloat32))
-    for axis, k in enumerate(stride[::-1]):  # numpy (z, y, x)
-        if k > 1:
-            arr = np.repeat(arr, k, axis=axis)
-    out = sitk.GetImageFromArray(np.ascontiguousarray(arr[:size[2], :size[1], :size[0]]))
-    out.CopyInformation(target)
-    return out
+    at_cells = sitk.Resample(dist, cells, sitk.Transform(), sitk.sitkLinear, FAR_MM, sitk.sitkFloat32)
+    # every voxel's nearest cell centre is its own cell's (it lies less than half a cell away): a
+    # nearest-neighbour resample spreads the cells in ITK, with no numpy copies of the fine grid
+    return sitk.Resample(at_cells, target, sitk.Transform(), sitk.sitkNearestNeighbor, FAR_MM, sitk.sitkFloat32)
 
 
 _LOADED: dict[str, tuple[tuple[int, int, int], IdentityNetwork]] = {}
