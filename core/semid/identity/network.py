@@ -500,19 +500,32 @@ def _brain_distance(prob: np.ndarray, grid: sitk.Image, target: sitk.Image) -> s
     the pipeline's keep-out is decided) it follows the exact distance to about 1 mm
     (``tests/test_identity_net.py``); inside it is only negative.
 
-    Interpolated (linear) at the centres of cells of about ``DISTANCE_CELL_MM`` (whole voxels of
-    ``target``; a voxel that size or larger is its own cell), each voxel taking its cell's value: the
-    distance is off by at most half a cell's diagonal (1.7 mm on a 1 mm grid), and a 1 mm head's region
-    box (ten million voxels) costs an eighth of an interpolation at every voxel.
+    Each voxel takes the value of its cell (``_brain_distance_cells``): the distance is off by at most
+    half a cell's diagonal (1.7 mm on a 1 mm grid), and a 1 mm head's region box (ten million voxels)
+    costs an eighth of an interpolation at every voxel.
+    """
+    at_cells = _brain_distance_cells(prob, grid, target)
+    if at_cells is None:
+        out = sitk.Image(target.GetSize(), sitk.sitkFloat32) + FAR_MM
+        out.CopyInformation(target)
+        return out
+    # every voxel's nearest cell centre is its own cell's (it lies less than half a cell away): a
+    # nearest-neighbour resample spreads the cells in ITK, with no numpy copies of the fine grid
+    # (``benchmarks/pipeline_parts.py``)
+    return sitk.Resample(at_cells, target, sitk.Transform(), sitk.sitkNearestNeighbor, FAR_MM, sitk.sitkFloat32)
+
+
+def _brain_distance_cells(prob: np.ndarray, grid: sitk.Image, target: sitk.Image) -> sitk.Image | None:
+    """``_brain_distance`` interpolated (linear) at the centres of cells of about ``DISTANCE_CELL_MM``:
+    blocks of whole voxels of ``target`` (a voxel that size or larger is its own cell), cell ``i``
+    holding voxels ``i * stride`` to ``(i + 1) * stride - 1`` along each axis; None when there is no brain.
     """
     inside = sitk.GetImageFromArray((prob > 0.5).astype(np.uint8))
     inside.CopyInformation(grid)
     pieces = sitk.RelabelComponent(sitk.ConnectedComponent(inside), sortByObjectSize=True)
     brain = sitk.Equal(pieces, 1)
     if not sitk.GetArrayViewFromImage(brain).any():
-        out = sitk.Image(target.GetSize(), sitk.sitkFloat32) + FAR_MM
-        out.CopyInformation(target)
-        return out
+        return None
     # ITK measures to the nearest voxel centre of the piece; its surface lies half a voxel further out
     dist = sitk.SignedMaurerDistanceMap(brain, insideIsPositive=False, squaredDistance=False,
                                         useImageSpacing=True) - 0.5 * max(grid.GetSpacing())
@@ -522,10 +535,7 @@ def _brain_distance(prob: np.ndarray, grid: sitk.Image, target: sitk.Image) -> s
     cells.SetSpacing((spacing * stride).tolist())
     cells.SetDirection(target.GetDirection())
     cells.SetOrigin(target.TransformContinuousIndexToPhysicalPoint(((stride - 1) / 2.0).tolist()))
-    at_cells = sitk.Resample(dist, cells, sitk.Transform(), sitk.sitkLinear, FAR_MM, sitk.sitkFloat32)
-    # every voxel's nearest cell centre is its own cell's (it lies less than half a cell away): a
-    # nearest-neighbour resample spreads the cells in ITK, with no numpy copies of the fine grid
-    return sitk.Resample(at_cells, target, sitk.Transform(), sitk.sitkNearestNeighbor, FAR_MM, sitk.sitkFloat32)
+    return sitk.Resample(dist, cells, sitk.Transform(), sitk.sitkLinear, FAR_MM, sitk.sitkFloat32)
 
 
 _LOADED: dict[str, tuple[tuple[int, int, int], IdentityNetwork]] = {}
