@@ -231,3 +231,35 @@ def test_cli_refuses_a_synthetic_identity_with_the_plain_fill(tmp_path, capsys) 
                  "--identity", "synthetic"]) == 2
     assert "--identity synthetic needs the learned fill" in capsys.readouterr().err
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+@pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
+def test_drawn_skin_meets_the_plain_fill_without_a_ledge(sample_head, monkeypatch) -> None:
+    """Where ``B_p`` runs out of the face box (the forehead, under the chin) the drawn head meets the plain
+    fill: ``join_skin`` bends one skin into the other, so the frontal depth map that the renders and A1
+    see has no more steep steps than the original head's much."""
+    from semid import pipeline as pl
+    from semid import render as rd
+    from semid.io import read_volume
+
+    head = read_volume(sample_head)
+    deid = Deidentifier(1.0, fill=comp.LearnedFill())
+    location = deid.locate(head)
+
+    def steep_steps(image: sitk.Image) -> int:
+        """Vertically adjacent rays of the frontal depth map (1 mm apart) whose depths differ by > 3 mm."""
+        step = np.abs(np.diff(rd.depth_map(rd.surface_mask(image)[0]), axis=0))
+        return int((step[np.isfinite(step)] > 3.0).sum())
+
+    joined = deid.run(head, location=location)
+    assert joined.record["skin_joined"]["voxels_made_air"] > 0
+    monkeypatch.setattr(pl, "join_skin", lambda ctx, values, plain, seed=0: (values, {}))
+    apart = deid.run(head, location=location)
+    steps = {"original": steep_steps(head), "joined": steep_steps(joined.image), "apart": steep_steps(apart.image)}
+    # measured: original 636, joined 676, apart 793
+    # measured: original 821, joined 933, apart 1049 (the measure sees the ledge: the second check)
+    assert steps["joined"] < 1.2 * steps["original"] < steps["apart"], steps
+    assert steps["joined"] < 0.95 * steps["apart"], steps
+    blocked = sitk.GetArrayFromImage(joined.mask) > 0
+    outside = ~blocked
+    assert np.array_equal(sitk.GetArrayFromImage(joined.image)[outside], sitk.GetArrayFromImage(head)[outside])

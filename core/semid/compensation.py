@@ -856,7 +856,7 @@ class LearnedFill:
 
     def __call__(self, ctx: Any) -> Any:
         from semid import phantoms as ph
-        from semid.pipeline import FillResult, SurfaceFill, _cast_like, boxes_around
+        from semid.pipeline import FillResult, SurfaceFill, _cast_like, boxes_around, join_skin
 
         model = self.model
         modality = 1 if ctx.modality == "CT" else 0
@@ -903,6 +903,8 @@ class LearnedFill:
         for part in boxes_around(outside, ctx.roi.GetSpacing(), SURFACE_CONTEXT_MM):
             plain = np.asarray(SurfaceFill()(ctx.crop(part)), np.float32)
             filled[part] = np.where(outside[part], plain, filled[part])
+        # the drawn head's skin, bent into the person's at the edge of B_p and into the plain fill's
+        filled, skin_joined = join_skin(ctx, filled, outside, seed=ctx.seed)
         from semid.semantics.decoupling import identity_bits_left
 
         bits_left = identity_bits_left(model.semantics.decoupler)
@@ -915,7 +917,7 @@ class LearnedFill:
                   "residual_risk": {"critic_similarity_output_to_input": round(similarity, 4),
                                     "critic_similarity_block_only": round(blocked_only, 4),
                                     "identity_bits_left": bits_left},
-                  "blocked_voxels_outside_face_box": int(outside.sum())}
+                  "blocked_voxels_outside_face_box": int(outside.sum()), "skin_joined": skin_joined}
         return FillResult(_cast_like(filled, ctx.roi_arr.dtype), record)
 
 

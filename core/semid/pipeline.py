@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from semid import __version__
 from semid import identity as idm
@@ -213,6 +214,10 @@ class FillContext:
     brain: np.ndarray
     location: Location
     seed: int = 0
+    #: The context this one was cropped from (``crop``), None for the whole ROI; what is worked out once
+    #: per run (``person_skin``) is kept on it.
+    parent: FillContext | None = field(default=None, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def atlas(self) -> Atlas:
@@ -234,7 +239,16 @@ class FillContext:
         slices = tuple(slice(outer.start + inner.start, outer.start + inner.stop)
                        for outer, inner in zip(self.roi_slices, box, strict=True))
         return FillContext(self.image, roi, slices, self.roi_arr[box], self.head[box], self.blocked[box],
-                           self.region[box], self.brain[box], self.location, self.seed)
+                           self.region[box], self.brain[box], self.location, self.seed, self.parent or self)
+
+    def person_skin(self) -> sitk.Image:
+        """Signed distance (mm, negative inside; float32 image on ``skin_cells`` of the whole ROI) to the
+        person's own skin (``skin_distance`` of ``head``), worked out once per run and shared by crops."""
+        whole = self.parent or self
+        if "person_skin" not in whole._cache:
+            grid, sdf = skin_distance(whole.head, whole.roi)
+            whole._cache["person_skin"] = _on(grid, sdf.astype(np.float32))
+        return whole._cache["person_skin"]
 
 
 #: Above this many separate parts, ``boxes_around`` gives one box around them all.
@@ -245,7 +259,6 @@ def boxes_around(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -
     """Index boxes (numpy (z, y, x) slices) that cover the parts of ``mask`` with ``margin_mm`` around each,
     boxes that overlap merged: where a fill needs to see around a few scattered voxels, these boxes hold
     a fraction of the whole grid. ``spacing`` is ITK's (x, y, z) in mm."""
-    from scipy import ndimage
 
     grow = [int(np.ceil(margin_mm / s)) for s in spacing[::-1]]
     boxes = [[max(sl.start - g, 0), min(sl.stop + g, n)] for part in ndimage.find_objects(
@@ -287,13 +300,69 @@ class Fill(Protocol):
     def __call__(self, ctx: FillContext) -> np.ndarray | FillResult: ...
 
 
+#: Cells (mm) on which the fills work out skin surfaces (``skin_distance``): a surface that bends over
+#: 12 mm needs no finer grid, and a 1 mm head's identity box has ten million voxels.
+SKIN_CELL_MM = 2.0
+#: Radius (mm) of the closing that seals a head's openings (nostrils, mouth, the gap of a thin scalp over
+#: dark bone) before its skin is measured (``skin_distance``).
+SKIN_CLOSING_MM = 6.0
+
+
+def skin_cells(ref: sitk.Image) -> tuple[sitk.Image, list[int]]:
+    """The grid of ``SKIN_CELL_MM`` cells over ``ref`` (blocks of whole voxels; its geometry only) and the
+    block size (x, y, z)."""
+    factors = [int(v) for v in np.maximum(1, np.round(SKIN_CELL_MM / np.array(ref.GetSpacing())))]
+    return sitk.BinShrink(ref, factors), factors
+
+
+def _share_in_cells(mask: np.ndarray, ref: sitk.Image, factors: list[int]) -> np.ndarray:
+    """Share of each cell's voxels in ``mask`` (z, y, x, on ``ref``), 0 to 8 (BinShrink averages)."""
+    img = sitk.GetImageFromArray(mask.astype(np.uint8) * np.uint8(8))
+    img.CopyInformation(ref)
+    return sitk.GetArrayFromImage(sitk.BinShrink(img, factors))
+
+
+def _signed_mm(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """Signed distance (mm, negative inside) to ``mask`` on ``grid``, held within +-1 m (no mask: 1 m)."""
+    return np.clip(ranking.distance_near(mask, grid.GetSpacing(), 1e3), -1e3, 1e3)
+
+
+def skin_distance(tissue: np.ndarray, ref: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
+    """Signed distance (mm, negative inside, on ``skin_cells(ref)``) to the skin of the head whose tissue
+    is ``tissue`` (bool (z, y, x) on ``ref``): the head inside its skin, not its tissue.
+
+    Tissue above a head threshold leaves out bone, the eyes and the sinuses, which would read as air
+    under the skin; a closing by a ball of ``SKIN_CLOSING_MM`` seals the nostrils, the mouth and a thin
+    scalp's gap over dark bone, and the holes are filled.
+    """
+    grid, factors = skin_cells(ref)
+    spacing, reach = grid.GetSpacing(), SKIN_CLOSING_MM + max(grid.GetSpacing())
+    inside = _share_in_cells(tissue, ref, factors) >= 4  # half the cell
+    # the closing from two distance maps (exact Euclidean balls): a third of ITK's ball closing's time
+    grown = ranking.distance_near(inside, spacing, reach) <= SKIN_CLOSING_MM
+    closed = ranking.distance_near(~grown, spacing, reach) > SKIN_CLOSING_MM
+    return grid, _signed_mm(idm.fill_holes(closed), grid)
+
+
+def _on(grid: sitk.Image, arr: np.ndarray) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(grid)
+    return img
+
+
+def _background(ctx: FillContext) -> np.ndarray:
+    """The person's background (air) values around the head in the ROI, for fills' noise."""
+    air = ctx.roi_arr[~ctx.head & ~ctx.blocked]
+    return air.astype(np.float32) if air.size else np.array([float(ctx.roi_arr.min())], np.float32)
+
+
 @dataclass
 class SurfaceFill:
     """SemID's plain fill: a featureless head surface, soft tissue inside, the subject's air outside.
 
     The average head smoothed until nose, eyes, lips and ears are gone is blended into the subject's
-    skin over ``BLEND_MM`` inside ``B_p``, filled with the subject's median soft-tissue value plus the
-    subject's own background noise.
+    skin (``skin_distance``) over ``BLEND_MM`` inside ``B_p``, filled with the subject's median
+    soft-tissue value plus the subject's own background noise.
     """
 
     name: str = "surface"
@@ -305,27 +374,108 @@ class SurfaceFill:
         values = ctx.roi_arr.astype(np.float32)
         tissue_vals = values[region & head_roi]
         tissue = float(np.median(tissue_vals)) if tissue_vals.size else float(np.median(values[head_roi]))
-        air_vals = values[~head_roi & ~blocked]
-        if air_vals.size == 0:
-            air_vals = np.array([float(values.min())], dtype=np.float32)
+        air_vals = _background(ctx)
         air = rng.choice(air_vals, size=values.shape).astype(np.float32)
         noise = air - float(np.median(air_vals))
 
-        blank_sdf = sitk.GetArrayFromImage(sitk.Resample(ctx.atlas.blank_sdf, roi, ctx.to_atlas, sitk.sitkLinear,
-                                                         1e3, sitk.sitkFloat32))
-        head_img = sitk.GetImageFromArray(head_roi.astype(np.uint8))
-        head_img.CopyInformation(roi)
-        subject_sdf = sitk.GetArrayFromImage(idm._signed_distance(head_img))
-        block_img = sitk.GetImageFromArray(blocked.astype(np.uint8))
-        block_img.CopyInformation(roi)
-        depth_in_block = -sitk.GetArrayFromImage(idm._signed_distance(block_img))
-        weight = np.clip(depth_in_block / BLEND_MM, 0.0, 1.0)
-        surface = sitk.GetImageFromArray((weight * blank_sdf + (1.0 - weight) * subject_sdf).astype(np.float32))
-        surface.CopyInformation(roi)
+        # the surface is worked out on cells (``skin_cells``) like ``join_skin``'s, which meets it
+        grid, factors = skin_cells(roi)
+        person = sitk.Resample(ctx.person_skin(), grid, sitk.Transform(), sitk.sitkLinear, 1e3, sitk.sitkFloat32)
+        blank = sitk.Resample(ctx.atlas.blank_sdf, grid, ctx.to_atlas, sitk.sitkLinear, 1e3, sitk.sitkFloat32)
+        depth_in_block = _signed_mm(_share_in_cells(~blocked, roi, factors) > 0, grid)
+        weight = _on(grid, np.clip(depth_in_block / BLEND_MM, 0.0, 1.0).astype(np.float32))
+        surface = weight * blank + (1.0 - weight) * person
         # a light smoothing removes the stair steps of the 2 mm atlas from the new skin
-        surface = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(surface, 1.5))
+        surface = sitk.SmoothingRecursiveGaussian(surface, 1.5)
+        surface = sitk.GetArrayFromImage(sitk.Resample(surface, roi, sitk.Transform(), sitk.sitkLinear, 1e3,
+                                                       sitk.sitkFloat32))
         fill = np.where(surface < 0.0, tissue + noise, air)
         return _cast_like(fill, ctx.roi_arr.dtype)
+
+
+#: Band (mm) inside a drawn fill, from where it meets ``SurfaceFill``'s (blocked voxels outside the face
+#: box), over which the drawn skin turns into that fill's (``join_skin``). 24 mm reached the drawn mouth
+#: on the real head and broke its lips.
+PLAIN_BLEND_MM = 12.0
+#: Where the joined skin lies this close (mm) to the drawn one, ``join_skin`` leaves the drawing as it is.
+SKIN_TOLERANCE_MM = 0.5
+
+
+def join_skin(ctx: FillContext, values: np.ndarray, plain: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """A drawn fill's skin bent into the plain fill's where the two meet.
+
+    A face drawn on a canonical head (the learned fill) covers the face box only; blocked voxels outside
+    it (above the forehead, under the chin) get ``SurfaceFill``, whose skin follows the person's at the
+    edge of ``B_p`` and the featureless head deeper in. The two skins met with a ledge across the
+    forehead and a seam under the chin. Here, over ``PLAIN_BLEND_MM`` from the plain fill, the drawn
+    head's signed distance is blended into the plain fill's surface (``SurfaceFill``'s own formula), on
+    ``SKIN_CELL_MM`` cells (``skin_distance``); voxels of the drawing that fall on the other side of the
+    joined skin become tissue (the drawing's median tissue value by its skin plus the person's
+    background noise) or air (the person's background). The drawing's cavities (sinuses, mouth) and
+    everything farther from the plain fill are kept. (Blending into the person's skin at every edge of
+    ``B_p`` as well was tried on the real head: the person's skin on 2 mm cells loses thin ears, and the
+    drawing beside them cracked.)
+
+    Args:
+        ctx: the fill's context (``values`` is on its ``roi`` grid).
+        values: the drawn fill's values, float (z, y, x), input units; changed in place and returned.
+        plain: bool (z, y, x), the blocked voxels that hold the plain fill (left as they are).
+        seed: seed of the background noise.
+
+    Returns:
+        ``(values, {"voxels_made_tissue": n, "voxels_made_air": m})``.
+    """
+    threshold = float(ctx.location.threshold)
+    drawn_part = ctx.blocked & ~plain
+    stats = {"voxels_made_tissue": 0, "voxels_made_air": 0}
+    if not (drawn_part.any() and plain.any()):
+        return values, stats
+    tissue_now = values >= threshold
+    grid, factors = skin_cells(ctx.roi)
+    drawn_sdf = skin_distance(tissue_now, ctx.roi)[1]
+    person_sdf = sitk.GetArrayFromImage(sitk.Resample(ctx.person_skin(), grid, sitk.Transform(), sitk.sitkLinear,
+                                                      1e3, sitk.sitkFloat32))
+    depth = _signed_mm(_share_in_cells(~ctx.blocked, ctx.roi, factors) > 0, grid)  # from the nearest voxel out of B_p
+    from_plain = _signed_mm(_share_in_cells(plain, ctx.roi, factors) > 0, grid)
+    blank = sitk.GetArrayFromImage(sitk.Resample(ctx.atlas.blank_sdf, grid, ctx.to_atlas, sitk.sitkLinear, 1e3,
+                                                 sitk.sitkFloat32))
+    to_person = np.clip(depth / BLEND_MM, 0.0, 1.0)
+    to_plain = np.clip(from_plain / PLAIN_BLEND_MM, 0.0, 1.0)
+    plain_skin = to_person * blank + (1.0 - to_person) * person_sdf  # SurfaceFill's
+    joined = to_plain * drawn_sdf + (1.0 - to_plain) * plain_skin
+    # a light smoothing as in SurfaceFill
+    joined = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_on(grid, joined.astype(np.float32)), 1.5))
+    drawn_sdf = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_on(grid, drawn_sdf.astype(np.float32)), 1.5))
+    # a voxel can change only in a cell, or next to one, where the joined and the drawn skin lie apart
+    # (a voxel's linear reading lies between its neighbouring cells' values): those voxels alone are read
+    lo, hi = np.minimum(joined, drawn_sdf), np.maximum(joined, drawn_sdf)
+    apart = (lo < 0.0) & (hi >= 0.0) & (to_plain < 1.0)
+    cells_apart = np.nonzero(ndimage.binary_dilation(apart, np.ones((3, 3, 3), bool)))
+    step = np.array(factors[::-1], np.int32)
+    block = np.stack(np.meshgrid(*[np.arange(f, dtype=np.int32) for f in step], indexing="ij"), -1).reshape(-1, 3)
+    voxels = (np.stack(cells_apart, -1).astype(np.int32)[:, None, :] * step + block[None]).reshape(-1, 3)
+    voxels = voxels[drawn_part[tuple(voxels.T)]]
+    where = tuple(voxels.T)
+    at = [(i - (f - 1) / 2.0) / f for i, f in zip(where, factors[::-1], strict=True)]  # on the cells
+    skin = ndimage.map_coordinates(joined, at, order=1, mode="nearest")
+    drawn_here = ndimage.map_coordinates(drawn_sdf, at, order=1, mode="nearest")
+    tissue_here = tissue_now[where]
+    # (within SKIN_TOLERANCE_MM of the drawn skin nothing changes: the drawing's own skin is measured on cells)
+    apart_here = np.abs(skin - drawn_here) > SKIN_TOLERANCE_MM
+    make_tissue = apart_here & (skin < 0.0) & ~tissue_here & (drawn_here >= 0.0)  # not the drawing's cavities
+    make_air = apart_here & (skin >= 0.0) & tissue_here
+    n_tissue, n_air = int(make_tissue.sum()), int(make_air.sum())
+    if n_tissue + n_air == 0:
+        return values, stats
+    rng = np.random.default_rng(seed)
+    air_vals = _background(ctx)
+    near_skin = values[where][tissue_here]  # the drawing's tissue by its skin
+    tissue = float(np.median(near_skin)) if near_skin.size else threshold
+    values[tuple(i[make_tissue] for i in where)] = (tissue + rng.choice(air_vals, n_tissue)
+                                                     - float(np.median(air_vals)))
+    values[tuple(i[make_air] for i in where)] = rng.choice(air_vals, n_air)
+    stats.update(voxels_made_tissue=n_tissue, voxels_made_air=n_air)
+    return values, stats
 
 
 #: Dice (inside the head) below which the identity network's region is not trusted and the atlas's is used.

@@ -74,6 +74,14 @@ def render_surface(surface: sitk.Image, yaw_deg: float = 0.0, pitch_deg: float =
         size: output pixels per side (the depth map is cast at ``step_mm`` and upsampled).
         head_frame: optional rotation that aligns the standard view axes with this head.
     """
+    depth = depth_map(surface, yaw_deg, pitch_deg, step_mm, head_frame)
+    return _shade(depth, np.isfinite(depth), size, step_mm)
+
+
+def depth_map(surface: sitk.Image, yaw_deg: float = 0.0, pitch_deg: float = 0.0, step_mm: float = 1.0,
+              head_frame: np.ndarray | None = None) -> np.ndarray:
+    """Depth (mm into the screen, NaN where a ray misses) of the 0.5 level of ``surface`` seen as
+    ``render_surface`` sees it: square, one ray every ``step_mm``, rows top (superior) to bottom."""
     frame = view_frame(yaw_deg, pitch_deg, head_frame)
     corners = np.array([surface.TransformIndexToPhysicalPoint([int(c) for c in corner]) for corner in
                         np.array(np.meshgrid(*[[0, n - 1] for n in surface.GetSize()],
@@ -94,8 +102,7 @@ def render_surface(surface: sitk.Image, yaw_deg: float = 0.0, pitch_deg: float =
     v_out = np.take_along_axis(vol, prev[None], axis=0)[0]
     frac = np.where(first > 0, (0.5 - v_out) / np.maximum(v_in - v_out, 1e-6), 0.0)
     depth = (prev + np.clip(frac, 0.0, 1.0)) * step_mm
-    depth = np.where(hit, depth, np.nan)
-    return _shade(depth, hit, size, step_mm)
+    return np.where(hit, depth, np.nan)
 
 
 def _shade(depth: np.ndarray, hit: np.ndarray, size: int, step_mm: float) -> np.ndarray:

@@ -152,23 +152,38 @@ def agreement(network_region: np.ndarray | sitk.Image, atlas_region: np.ndarray 
             "network_only_ml": round((na - both) * ml, 3), "atlas_only_ml": round((nb - both) * ml, 3)}
 
 
-def with_air_margin(region: np.ndarray, head: np.ndarray, spacing: Sequence[float], margin_mm: float = 10.0
-                    ) -> np.ndarray:
+def with_air_margin(region: np.ndarray, head: np.ndarray, spacing: Sequence[float], margin_mm: float = 10.0,
+                    cell_mm: float = 2.0) -> np.ndarray:
     """``region`` plus the air (outside ``head``) within ``margin_mm`` of it, like the atlas region's margin.
 
     The network segments tissue only (the phantom label); the atlas region also holds a margin of air in
     front of the face (14 mm deep, face zones only) so that a fill may build a face that sticks out
     further than the original. Grown in every direction, 10 mm gives the atlas region's volume on the
-    real T1w head (1560 vs 1594 ml; Dice 0.82 with it, against 0.62 for the tissue-only region).
+    real T1w head (1560 vs 1594 ml; Dice 0.82 with it, against 0.62 for the tissue-only region; measured with the
+    exact distance).
+
+    The distance is measured between cells of about ``cell_mm`` (blocks of whole voxels; a voxel that
+    size or larger is its own cell, and the distance is then exact): a cell within ``margin_mm`` of a
+    cell that holds some of ``region`` joins with its air. The margin's edge moves by up to a cell's
+    diagonal, which does not matter for room left in front of a face, and on a 1 mm head this is a
+    tenth of the time of the exact distance over the identity box.
 
     Args:
         region, head: boolean (z, y, x) masks on one grid.
         spacing: voxel spacing (x, y, z) in mm, SimpleITK order.
     """
     region = np.asarray(region, bool)
-    dist = distance_near(region, spacing, margin_mm + 1.0)
-    # the float32 distances are compared with a hair of tolerance: exactly-10 mm voxels stay in
-    return region | ((dist <= margin_mm + 1e-4) & ~np.asarray(head, bool))
+    step = np.maximum(1, np.round(cell_mm / np.asarray(spacing, float))).astype(int)[::-1]  # (z, y, x)
+    shape = region.shape
+    padded = np.pad(region, [(0, -n % k) for n, k in zip(shape, step, strict=True)])
+    cells = padded.reshape(padded.shape[0] // step[0], step[0], padded.shape[1] // step[1], step[1],
+                           padded.shape[2] // step[2], step[2]).any(axis=(1, 3, 5))
+    cell_spacing = (np.asarray(spacing, float) * step[::-1]).tolist()
+    # the float32 distances are compared with a hair of tolerance: exactly-10 mm cells stay in
+    near = distance_near(cells, cell_spacing, margin_mm + max(cell_spacing)) <= margin_mm + 1e-4
+    near = np.broadcast_to(near[:, None, :, None, :, None], (*near.shape[:1], step[0], near.shape[1], step[1],
+                                                              near.shape[2], step[2])).reshape(padded.shape)
+    return region | (near[:shape[0], :shape[1], :shape[2]] & ~np.asarray(head, bool))
 
 
 def distance_near(mask: np.ndarray, spacing: Sequence[float], reach_mm: float) -> np.ndarray:
