@@ -268,3 +268,33 @@ def test_block_keeps_off_the_subjects_own_brain_when_the_atlas_fit_is_off():
     fitted = Deidentifier(1.0, fill=_KeepContext()).run(visit.image)
     assert fitted.record["region_voxels_kept_off_network_brain"] < 3e-3 * fitted.record["blocked_voxels"]
     assert int((brain & (sitk.GetArrayViewFromImage(fitted.mask) > 0)).sum()) == 0
+
+
+def test_plain_fill_follows_the_head_inside_its_skin(head, monkeypatch) -> None:
+    """The plain fill blends into the person's skin at the edge of ``B_p``: the skin of the head inside it
+    (closed, holes filled), not the tissue above the threshold, which has dark bone under a thin scalp
+    and would leave air under the scalp in the block. Measured as steep steps (> 3 mm between rays 1 mm
+    apart) of the frontal depth map the renders see."""
+    from semid import pipeline as pl
+    from semid import render as rd
+
+    def steep_steps(image: sitk.Image) -> int:
+        step = np.abs(np.diff(rd.depth_map(rd.surface_mask(image)[0]), axis=0))
+        return int((step[np.isfinite(step)] > 3.0).sum())
+
+    deid = Deidentifier(1.0, fill=pl.SurfaceFill())
+    location = deid.locate(head)
+    envelope = deid.run(head, location=location)
+
+    def thresholded_tissue_skin(ctx: pl.FillContext) -> sitk.Image:  # the previous version's
+        whole = ctx.parent or ctx
+        tissue = sitk.GetImageFromArray(whole.head.astype(np.uint8))
+        tissue.CopyInformation(whole.roi)
+        return _signed_distance(tissue)
+
+    monkeypatch.setattr(pl.FillContext, "person_skin", thresholded_tissue_skin)
+    tissue = deid.run(head, location=location)
+    steps = {"original": steep_steps(head), "envelope": steep_steps(envelope.image),
+             "tissue": steep_steps(tissue.image)}
+    # measured: original 821, envelope 812, tissue 959
+    assert steps["envelope"] < 1.1 * steps["original"] < steps["tissue"], steps
