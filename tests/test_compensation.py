@@ -263,3 +263,21 @@ def test_drawn_skin_meets_the_plain_fill_without_a_ledge(sample_head, monkeypatc
     blocked = sitk.GetArrayFromImage(joined.mask) > 0
     outside = ~blocked
     assert np.array_equal(sitk.GetArrayFromImage(joined.image)[outside], sitk.GetArrayFromImage(head)[outside])
+
+
+
+@pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
+def test_canvas_file_is_used_only_for_the_face_it_was_made_with(monkeypatch) -> None:
+    import json
+
+    with np.load(comp.CANVAS_FILE) as data:
+        meta = json.loads(str(data["meta"]))
+        shipped = data["box_0"].astype(np.float32)
+    assert meta["face"] == ph.default_face_version()
+    # a file made for another default face (an older one): the canvas is made at run time, the record says so
+    monkeypatch.setattr(ph, "default_face_version", lambda: "another face")
+    model = comp.Compensator.load()
+    box, _ = comp._canvas(model, 0)
+    assert model._canvas_source[0] == "made at run time (no matching file)"
+    # ... and made the same as the file (float16 there)
+    assert np.abs(box - shipped).max() < 0.01

@@ -752,14 +752,15 @@ def synthetic_face_canvas(model: Compensator, modality: int, code: np.ndarray) -
 
 
 def write_canvas(path: Path = CANVAS_FILE) -> Path:
-    """Write both modalities' ``default_face_canvas`` (float16) with the atlas version they were made with,
-    to a temporary name renamed into place."""
+    """Write both modalities' ``default_face_canvas`` (float16) with the atlas and the default face they
+    were made with (``phantoms.default_face_version``), to a temporary name renamed into place."""
+    from semid import phantoms as ph
     from semid.pipeline import _cached_atlas
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
     meta = {"atlas": _cached_atlas(None).version, "box_shape": list(fb.BOX_SHAPE),
-            "made_by": "semid train generator canvas"}
+            "face": ph.default_face_version(), "made_by": "semid train generator canvas"}
     np.savez_compressed(tmp, **{f"box_{m}": default_face_canvas(m).astype(np.float16) for m in (0, 1)},
                         meta=np.array(json.dumps(meta)))
     tmp.replace(path)
@@ -768,10 +769,11 @@ def write_canvas(path: Path = CANVAS_FILE) -> Path:
 
 def _canvas(model: Compensator, modality: int) -> tuple[np.ndarray, np.ndarray]:
     """The canonical box of ``modality`` and the block drawn on it (the atlas's ``B_1`` grown by 2 voxels):
-    from ``CANVAS_FILE`` when it was made with this atlas, else made here (``model._canvas_source`` says
-    which, per modality; the record shows it)."""
+    from ``CANVAS_FILE`` when it was made with this atlas and this default face, else made here
+    (``model._canvas_source`` says which, per modality; the record shows it)."""
     from scipy import ndimage
 
+    from semid import phantoms as ph
     from semid.pipeline import _cached_atlas
 
     if modality not in model._canvas:
@@ -779,7 +781,9 @@ def _canvas(model: Compensator, modality: int) -> tuple[np.ndarray, np.ndarray]:
         if CANVAS_FILE.exists():
             with np.load(CANVAS_FILE) as data:
                 meta = json.loads(str(data["meta"]))
-                if meta.get("atlas") == _cached_atlas(None).version and f"box_{modality}" in data:
+                # made with this atlas and this default face (an older file shows an older face)
+                if (meta.get("atlas") == _cached_atlas(None).version and f"box_{modality}" in data
+                        and meta.get("face") == ph.default_face_version()):
                     box = data[f"box_{modality}"].astype(np.float32)
         model._canvas_source[modality] = (CANVAS_FILE.name if box is not None
                                           else "made at run time (no matching file)")
