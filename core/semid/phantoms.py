@@ -34,26 +34,49 @@ from semid.io import MODALITY_KEY
 
 
 def ct_from_mr(mr: sitk.Image, seed: int = 0) -> sitk.Image:
-    """A CT-like int16 head (HU) with the MR head's geometry: air -1000, tissue 20..60, bone ~900.
+    """A CT-like int16 head (HU) with the MR head's geometry, by tissue class (``_hu_from_tissue``, as the
+    phantom population's CT): brain 8-38 HU, soft tissue 30-45 HU, fat -90 HU, bone 850 HU, air -1000 HU.
 
-    Bone is the dark band between scalp and brain in T1w: voxels of the head darker than a third of
-    the head's median intensity, within 25 mm of the skin.
+    The brain is the one ``semid.brain`` finds in the MR; the head is closed (``SKULL_CLOSING_MM``) and its
+    holes filled, so the skull, dark in T1w and open to the air through the sinuses and ear canals, is
+    inside it and becomes bone.
     """
+    from scipy import ndimage
+
+    from semid.brain import mr_brain
+
     rng = np.random.default_rng(seed)
     arr = sitk.GetArrayFromImage(mr).astype(np.float32)
-    head = idm.head_mask(mr, idm.head_threshold(mr, "MR"))
-    inside = sitk.GetArrayFromImage(head) > 0
-    depth = -sitk.GetArrayFromImage(idm._signed_distance(head))
-    median = float(np.median(arr[inside]))
-    hu = np.full(arr.shape, -1000.0, dtype=np.float32)
-    hu[inside] = 20.0 + 40.0 * np.clip(arr[inside] / (2 * median), 0, 1)
-    bone = inside & (arr < median / 3) & (depth > 3) & (depth < 25)
-    hu[bone] = 900.0
+    tissue = sitk.GetArrayFromImage(idm.head_mask(mr, idm.head_threshold(mr, "MR"), fill=False)) > 0
+    radius = [max(1, int(round(SKULL_CLOSING_MM / s))) for s in mr.GetSpacing()[::-1]]
+    ball = np.ones([2 * r + 1 for r in radius], bool)
+    inside = idm.fill_holes(ndimage.binary_closing(np.pad(tissue, [(r, r) for r in radius]), ball)[
+        tuple(slice(r, -r) for r in radius)] | tissue)
+    found = mr_brain(mr)
+    brain = found.on(mr) & inside
+    labels = np.where(brain, BRAIN, np.where(inside, HEAD, BACKGROUND)).astype(np.uint8)
+    head_img = sitk.GetImageFromArray(inside.astype(np.uint8))
+    head_img.CopyInformation(mr)
+    depth = -sitk.GetArrayFromImage(idm._signed_distance(head_img))
+    hu = _hu_from_tissue(arr, labels, depth, float(np.median(arr[brain])) if brain.any() else 1.0,
+                         float(np.median(arr[inside & ~brain])) if (inside & ~brain).any() else 1.0)
+    # the vault: T1w shows its tables dark but its marrow bright, and at 2 mm the dark band breaks up;
+    # a shell of SKULL_MM around the brain, under the scalp, is bone whatever its T1w value
+    vault = found.on(mr, SKULL_MM[1]) & ~found.on(mr, SKULL_MM[0]) & inside & (depth > 2.0)
+    hu[vault] = 850.0
     hu += rng.normal(0.0, 8.0, size=hu.shape).astype(np.float32)
     ct = sitk.GetImageFromArray(np.clip(np.rint(hu), -1024, 3071).astype(np.int16))
     ct.CopyInformation(mr)
     ct.SetMetaData(MODALITY_KEY, "CT")
     return ct
+
+
+#: The skull vault ``ct_from_mr`` draws: from this far outside the brain's surface (CSF and meninges) to
+#: this far (mm).
+SKULL_MM = (2.0, 8.0)
+#: Closing (mm) that seals a T1w head's openings (nostrils, ear canals, the sinuses' ostia) before its
+#: skull is taken to be inside it (``ct_from_mr``).
+SKULL_CLOSING_MM = 6.0
 
 
 # ------------------------------------------------------------------------------------ phantom population
@@ -141,7 +164,6 @@ def _surface_point(pts: np.ndarray, x: float, z: float, depth: float, tol: float
 def _load_base(name: str) -> _Base:
     """Read a base head and fit the identity atlas to it (a few seconds, once per process)."""
     from semid.data import data_file
-    from semid.pipeline import _cached_atlas
 
     if name not in BASES:
         raise ValueError(f"unknown base {name!r}: use one of {sorted(BASES)}")
@@ -150,9 +172,9 @@ def _load_base(name: str) -> _Base:
     if spacing is not None:
         image = idm._downsample(image, spacing)
     head = idm.head_mask(image, idm.head_threshold(image, "MR"))
-    atlas = _cached_atlas(None)
+    atlas = idm.load_atlas(None)
     head_2mm = head if min(image.GetSpacing()) >= 1.9 else idm._downsample(head, 2.0, sitk.sitkNearestNeighbor)
-    fit = idm.fit_atlas(atlas.head, head_2mm, atlas.features)
+    fit = idm.fit_head_shape(atlas.head, head_2mm, atlas.features)
     to_atlas = fit.transform.GetInverse()
     score = sitk.Resample(atlas.score, image, to_atlas, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     brain_img = sitk.Resample(atlas.brain, image, to_atlas, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

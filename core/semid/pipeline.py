@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from semid.errors import InputError
 from semid.identity import ranking
 from semid.identity.ranking import nested_block
 from semid.io import MODALITY_KEY, modality_of, require_3d_scalar
+from semid.triage import DEFACED, NOT_A_HEAD, Triage, assess
 
 #: Privacy presets (DESIGN.md §4); any float in [0, 1] is accepted too.
 LEVEL_PRESETS: dict[str, float] = {"off": 0.0, "low": 0.25, "medium": 0.5, "high": 0.75, "max": 1.0}
@@ -95,52 +95,9 @@ def preset_name(level: float) -> str | None:
     return next((name for name, value in LEVEL_PRESETS.items() if abs(value - level) < 1e-9), None)
 
 
-@dataclass
-class Atlas:
-    """The identity atlas on its 2 mm template grid (see ``semid.identity.build_atlas``)."""
-
-    head: sitk.Image
-    brain: sitk.Image
-    score: sitk.Image
-    blank_sdf: sitk.Image
-    features: sitk.Image
-    version: str
-
-    @classmethod
-    def load(cls, folder: Path | None = None) -> Atlas:
-        from semid.data import data_file
-
-        folder = folder or data_file("atlas")
-        meta_path = Path(folder) / "atlas.json"
-        if not meta_path.exists():
-            raise InputError("SemID's identity atlas is missing: run `make data` (or `semid data fetch`) first.")
-        meta = json.loads(meta_path.read_text())
-
-        def read(name: str) -> sitk.Image:
-            return sitk.ReadImage(str(Path(folder) / name))
-
-        return cls(read("head.nii.gz"), read("brain.nii.gz"), read("score.nii.gz"),
-                   read("blank_sdf.nii.gz"), read("features.nii.gz"), meta["version"])
-
-    @functools.cached_property
-    def cranium(self) -> sitk.Image:
-        """The head outside the face (``identity.cranium_mask``): what the atlas fit is refined on."""
-        return idm.cranium_mask(self.head, self.score)
-
-    @functools.cached_property
-    def blocking_score(self) -> sitk.Image:
-        """``s(x)`` with the tissue margin around the region (``identity.blocking_score``): what is blocked."""
-        return idm.blocking_score(self.score, self.brain)
-
-
-_ATLAS_CACHE: dict[str, Atlas] = {}
-
-
-def _cached_atlas(folder: Path | None) -> Atlas:
-    key = str(folder)
-    if key not in _ATLAS_CACHE:
-        _ATLAS_CACHE[key] = Atlas.load(folder)
-    return _ATLAS_CACHE[key]
+#: The identity atlas (``semid.identity.Atlas``), loaded once per folder (``semid.identity.load_atlas``).
+Atlas = idm.Atlas
+_cached_atlas = idm.load_atlas
 
 
 @dataclass
@@ -167,16 +124,19 @@ class Location:
         modality: "MR" or "CT".
         threshold: head/air intensity threshold.
         head_coarse: head mask on the atlas-spacing grid.
-        fit: the affine fit of the atlas to the subject (``fit.transform``: template -> subject points).
+        fit: the affine fit of the atlas to the subject (``fit.transform``: template -> subject points); None
+            for a volume that passes through (``triage``).
         timings: seconds per stage of the location.
+        triage: what the volume is and what was measured to decide it (``semid.triage``).
     """
 
     atlas: Atlas
     modality: str
     threshold: float
     head_coarse: sitk.Image
-    fit: idm.Fit
+    fit: idm.Fit | None
     timings: dict[str, float] = field(default_factory=dict)
+    triage: Triage | None = None
 
     @property
     def to_atlas(self) -> sitk.Transform:
@@ -551,41 +511,25 @@ class Deidentifier:
             raise InputError(f"unknown identity source {self.identity!r}: use auto, network or atlas.")
 
     def locate(self, image: sitk.Image, progress: Progress | None = None) -> Location:
-        """Head mask and atlas registration of one 3D volume (what ``run`` needs before blocking).
+        """Triage and atlas registration of one 3D volume (what ``run`` needs before blocking).
+
+        A volume that passes through (skull-stripped, nothing identifying in view) is returned with its
+        triage and no fit; ``run`` leaves it as it is.
 
         Raises:
-            InputError: not a 3D scalar volume, empty/constant, no head or no face found.
+            InputError: not a 3D scalar volume, empty/constant, not a head (the triage's sentence).
         """
         say = progress or (lambda _stage: None)
-        timings: dict[str, float] = {}
-        lap = _lap_timer(timings)
-
         image = require_3d_scalar(image)
         _require_not_constant(image)
-        say("locating the head")
+        say("triage: head, brain and face")
         atlas = _cached_atlas(self.atlas_dir)
-        modality = idm.guess_modality(image, modality_of(image))
-        threshold = idm.head_threshold(image, modality)
-        coarse = idm._downsample(sitk.Cast(image, sitk.sitkFloat32), idm.ATLAS_SPACING)
-        head_coarse = idm.head_mask(coarse, threshold)
-        if idm.mask_volume_ml(head_coarse) < idm.MIN_HEAD_ML:
-            raise InputError("No head found in the volume (the foreground is too small): give a head CT or MR.")
-        lap("head_mask")
-        say("registering the identity atlas")
-        fit = idm.fit_atlas(atlas.head, head_coarse, atlas.features, cranium=atlas.cranium)
-        if fit.dice < idm.HEAD_DICE:
-            raise InputError(
-                f"No head found in the volume (best head-shape match {fit.dice:.2f}, needs "
-                f"{idm.HEAD_DICE:.2f}): SemID de-identifies head CT and MR volumes."
-            )
-        if fit.coverage < idm.MIN_FEATURE_COVERAGE:
-            raise InputError(
-                f"No face found in the volume (face-shape match {fit.coverage:.2f}, needs "
-                f"{idm.MIN_FEATURE_COVERAGE:.2f}): SemID de-identifies head CT and MR volumes that show the face; "
-                "if this is one, check the orientation in its header."
-            )
-        lap("registration")
-        return Location(atlas, modality, threshold, head_coarse, fit, timings)
+        triage = assess(image, atlas, modality_of(image))
+        if triage.kind == NOT_A_HEAD:
+            raise InputError(triage.sentence)
+        values = triage.values
+        return Location(atlas, values.modality, values.threshold, triage.head, triage.fit, dict(triage.timings),
+                        triage)
 
     def run(self, image: sitk.Image, progress: Progress | None = None,
             location: Location | None = None) -> DeidResult:
@@ -604,10 +548,14 @@ class Deidentifier:
             location = self.locate(image, progress)
         else:
             _require_not_constant(image)
+        triage = location.triage
+        if triage is not None and triage.passes_through:
+            return self._passed_through(image, location)
         timings: dict[str, float] = dict(location.timings)
         lap = _lap_timer(timings)
 
         atlas, modality, fit = location.atlas, location.modality, location.fit
+        defaced = triage is not None and triage.kind == DEFACED
         say("mapping identity")
         # the ROI holds the region under both fits: the whole-head fit's region joins B_p below
         fits = [fit.transform] + ([fit.whole_head] if fit.whole_head is not None else [])
@@ -630,6 +578,11 @@ class Deidentifier:
             sl = _roi_slices(roi_index, roi_size)
             roi_arr = arr[sl]
             head_roi = _head_in_roi(roi, location.threshold, location.head_coarse)
+            # what the image itself says: its field of view and its brain (semid.triage, semid.brain)
+            in_view = _in_view(triage, sl, region.shape)
+            image_brain = triage.brain.on(roi) if triage is not None and triage.brain is not None else None
+            image_keep_out = (triage.brain.on(roi, IMAGE_BRAIN_MARGIN_MM)
+                              if triage is not None and triage.brain is not None else None)
             # the atlas's region itself (no margin) placed by the whole-head fit, which follows the face where
             # the cranium fit deliberately does not: the network is checked against it, and it joins the
             # region (ranked last), so B_1 still covers the face where the cranium fit sits off it
@@ -646,9 +599,19 @@ class Deidentifier:
             added = face_region & ~region
             score = np.where(added, np.float32(1e-9), score).astype(np.float32)
             region = region | added
+            # what is not scanned is not blocked (a face cut off by the field of view is not drawn back)
+            region &= in_view
+            if defaced:  # the face was cut away: only tissue that remains is blocked, nothing is drawn in the air
+                region &= head_roi
+            if image_keep_out is not None:
+                identity_record["region_voxels_kept_off_image_brain"] = int((region & image_keep_out).sum())
+                region &= ~image_keep_out
             # the atlas brain is registered, so it can sit a little off the subject's; the network's brain
             # is the subject's own: B_p keeps off both (the keep-out does not depend on p, so B_p stays nested)
             identity_record["brain_keep_out"] = f"registered atlas brain (+{idm.BRAIN_MARGIN_MM:g} mm)"
+            if image_keep_out is not None:
+                identity_record["brain_keep_out"] = (f"brain found in the image (+{IMAGE_BRAIN_MARGIN_MM:g} mm), "
+                                                     + identity_record["brain_keep_out"])
             if net_keep_out is not None:
                 identity_record["brain_keep_out"] += f" and identity network's brain (+{NETWORK_BRAIN_MARGIN_MM:g} mm)"
                 identity_record["region_voxels_kept_off_network_brain"] = int((region & net_keep_out).sum())
@@ -657,22 +620,30 @@ class Deidentifier:
             lap("identity_map")
             say("filling the blocked region")
             ctx = FillContext(image, roi, sl, roi_arr, head_roi, blocked, region, brain, location, self.seed)
-            filled = self.fill(ctx)
+            # a defaced head gets the plain fill: its remaining tissue smoothed into a featureless surface,
+            # no face drawn where the face was cut away
+            fill = SurfaceFill() if defaced else self.fill
+            filled = fill(ctx)
             if isinstance(filled, FillResult):
                 fill_record = filled.record
                 filled = filled.values
             filled = np.asarray(filled)
             if filled.shape != roi_arr.shape:
-                raise ValueError(f"fill {self.fill.name!r} returned shape {filled.shape}, expected {roi_arr.shape}")
+                raise ValueError(f"fill {fill.name!r} returned shape {filled.shape}, expected {roi_arr.shape}")
             out[sl][blocked] = filled[blocked]
             mask[sl] = blocked
             voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
             changed_roi = out[sl] != roi_arr
+            # the brain numbers are counted against the brain found in this image (the atlas brain, placed by a
+            # fit, is a keep-out only)
+            counted = image_brain if image_brain is not None else brain
             record_extra = {
                 "identity_region_ml": round(float(region.sum()) * voxel_ml, 3),
                 "blocked_tissue_ml": round(float((blocked & head_roi).sum()) * voxel_ml, 3),
-                "brain_voxels_in_block": int((blocked & brain).sum()),
-                "brain_voxels_changed": int((changed_roi & brain).sum()),
+                "brain_voxels_in_block": int((blocked & counted).sum()),
+                "brain_voxels_changed": int((changed_roi & counted).sum()),
+                "brain_counted_against": ("the brain found in this image" if image_brain is not None
+                                          else "the registered atlas brain"),
             }
             lap("fill")
 
@@ -688,13 +659,14 @@ class Deidentifier:
             "semid_version": __version__,
             "level": self.level,
             "preset": preset_name(self.level),
-            "method": self.fill.description,
+            "method": SurfaceFill.description if defaced else self.fill.description,
+            **({"triage": triage.record()} if triage is not None else {}),
+            "already_defaced": defaced,
             **identity_record,
             "atlas": atlas.version,
             "modality": modality,
             "registration_head_dice": round(fit.dice, 4),
-            "registration_refined_on_cranium": fit.whole_head is not None,
-            "face_feature_coverage": round(fit.coverage, 4),
+            "registration_whole_head_fit_used": fit.whole_head is not None,
             "blocked_voxels": int(mask.sum()),
             "blocked_ml": round(float(mask.sum()) * voxel_ml, 3),
             **record_extra,
@@ -773,6 +745,23 @@ class Deidentifier:
         score[region] = np.maximum(ranking.combine(prob, order)[region], 1e-3 * order[region] + 1e-9)
         return score, region, record, net_keep_out
 
+    def _passed_through(self, image: sitk.Image, location: Location) -> DeidResult:
+        """A volume with nothing identifying to remove (skull-stripped, no face part or ear in view): the
+        input as it is, nothing blocked, and the reason in the record (``no_face_present``)."""
+        triage = location.triage
+        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        mask.CopyInformation(image)
+        record = {"semid_version": __version__, "level": self.level, "preset": preset_name(self.level),
+                  "method": "none: nothing identifying to remove", "triage": triage.record(),
+                  "no_face_present": triage.kind, "already_defaced": False,
+                  "brain_source": triage.brain.method if triage.brain is not None else None,
+                  "blocked_voxels": 0, "blocked_ml": 0.0, "identity_region_ml": None, "brain_voxels_changed": 0,
+                  "brain_counted_against": "the brain found in this image", "voxels_changed": 0,
+                  "voxels_changed_outside_block": 0, "unchanged_fraction_outside_block": 1.0,
+                  "geometry_preserved": True, "pixel_type": image.GetPixelIDTypeAsString(),
+                  "timings_s": dict(location.timings)}
+        return DeidResult(image, mask, record)
+
     def _untouched(self, image: sitk.Image) -> DeidResult:
         """Level 0 (``off``): the input as it is, nothing blocked, no registration needed."""
         mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
@@ -783,6 +772,24 @@ class Deidentifier:
                   "voxels_changed_outside_block": 0, "unchanged_fraction_outside_block": 1.0,
                   "geometry_preserved": True, "pixel_type": image.GetPixelIDTypeAsString()}
         return DeidResult(image, mask, record)
+
+
+#: Distance (mm) ``B_p`` keeps from the brain found in the image (``semid.brain``: deepbet's first network on
+#: MR, the inner table of the skull on CT, both on a grid of about 2 mm whose edge can sit a voxel inside the
+#: true brain's). ``benchmarks/real_heads.py`` counts, per case, the voxels changed inside an independent
+#: brain mask (ROBEX, or the template's own mask).
+IMAGE_BRAIN_MARGIN_MM = 5.0
+
+
+def _in_view(triage: Triage | None, sl: tuple[slice, slice, slice], shape: tuple[int, ...]) -> np.ndarray:
+    """Bool (z, y, x) on the ROI ``sl``: inside the volume's field of view (all True without a triage)."""
+    if triage is None or triage.fov.whole:
+        return np.ones(shape, bool)
+    out = np.zeros(shape, bool)
+    inner = tuple(slice(max(lo - s.start, 0), max(min(hi, s.stop) - s.start, 0))
+                  for (lo, hi), s in zip(triage.fov.box, sl, strict=True))
+    out[inner] = True
+    return out
 
 
 def _require_not_constant(image: sitk.Image) -> None:

@@ -3,11 +3,22 @@
 The identity region (face soft tissue, nose, lips, eyes, ears, plus a margin of air in front of the
 face so a large nose is never left outside it) and the identity score ``s(x)`` in [0, 1] are defined
 once on an average head (pydeface's mean T1w head, with the MNI152 brain brought in through the
-MNI305 head, which shares MNI space with it). For each subject, the average head is registered to the
-subject's head with an affine transform; the registration matches smoothed *head masks*, not
-intensities, so it works the same for MR and CT and for any storage orientation. When the
-registration leaves the atlas's face features (nose, lips, brows, chin, ears) outside the subject's
-head, the volume is not a head with a face (a sphere or a body part), and it is refused.
+MNI305 head, which shares MNI space with it). For each subject the average head is registered to the
+subject (``fit_atlas``):
+
+1. it starts from the brains (the subject's found in its own image, ``semid.brain``; the average
+   head's found by the same tool): their centres and sizes give position and scale;
+2. a similarity transform is fitted by Mattes mutual information between the average head and the
+   subject's intensities, over the subject's head inside its field of view: any MR weighting or CT,
+   and a face cut off by the field of view is simply not looked at;
+3. it is refined on the *cranium* only (the head away from the face): the transform that places the
+   identity region and the drawn face must not take on the face's shape, or the region and the drawn
+   face would tell it;
+4. an affine fit over the whole head in view (face included) gives ``whole_head``: it follows the face
+   and only adds to the region.
+
+The older fit that matched smoothed head *masks* (``fit_head_shape``) is kept for the phantom
+population, whose labels were made with it; a head whose field of view cuts the face defeated it.
 
 SimpleITK does the registration and resampling; numpy only does what ITK has no filter for (the
 analytic zone definitions and the ranking).
@@ -15,12 +26,15 @@ analytic zone definitions and the ranking).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from semid.errors import InputError
 
 #: Head-mask threshold for CT, in Hounsfield units (between air/foam and skin).
 CT_HEAD_HU = -300.0
@@ -32,7 +46,9 @@ HEAD_DICE = 0.72
 MIN_FEATURE_COVERAGE = 0.4
 #: Head volume (ml) below which a foreground is too small to be a head.
 MIN_HEAD_ML = 600.0
-ATLAS_VERSION = "atlas-v1"
+#: v2: the template and the brain deepbet finds in it (``brain_image``) are part of the atlas, and the fit
+#: is the intensity fit of ``fit_atlas``.
+ATLAS_VERSION = "atlas-v2"
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -125,7 +141,7 @@ def _downsample(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear)
                          image.GetDirection(), 0.0, image.GetPixelID())
 
 
-def _smooth_mask(mask: sitk.Image, spacing: float = REGISTRATION_SPACING) -> sitk.Image:
+def smooth_mask(mask: sitk.Image, spacing: float = REGISTRATION_SPACING) -> sitk.Image:
     """A head mask as a smooth float image on a coarse grid: what the registration matches."""
     smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(mask, sitk.sitkFloat32), spacing)
     return _downsample(smooth, spacing)
@@ -151,9 +167,10 @@ class Fit:
     whole_head: sitk.AffineTransform | None = None
 
 
-def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
-              iterations: int = 120, shrink: tuple[int, ...] = (2, 1),
-              fixed_mask: sitk.Image | None = None) -> sitk.AffineTransform:
+def register_masks(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
+                   iterations: int = 120, shrink: tuple[int, ...] = (2, 1),
+                   fixed_mask: sitk.Image | None = None) -> sitk.AffineTransform:
+    """Mean-squares registration of two smoothed masks (``smooth_mask``); fixed points -> moving points."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMeanSquares()
     if fixed_mask is not None:
@@ -203,9 +220,10 @@ def _dice_on(fixed_mask: sitk.Image, moving_mask: sitk.Image, transform: sitk.Tr
     return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 0.0
 
 
-def fit_atlas(atlas_mask: sitk.Image, subject_mask: sitk.Image, features: sitk.Image,
-              cranium: sitk.Image | None = None) -> Fit:
-    """Affine fit of the atlas head mask to the subject head mask (both binary, any grids).
+def fit_head_shape(atlas_mask: sitk.Image, subject_mask: sitk.Image, features: sitk.Image,
+                   cranium: sitk.Image | None = None) -> Fit:
+    """Affine fit of the atlas head mask to the subject head mask (both binary, any grids): the fit the
+    phantom population's labels were made with (``semid.phantoms``); heads are fitted by ``fit_atlas``.
 
     Registration runs in physical (world) space, so any storage orientation, obliquity or voxel size
     works as long as the header's orientation is right. A sphere or a body part can match the head's
@@ -219,19 +237,132 @@ def fit_atlas(atlas_mask: sitk.Image, subject_mask: sitk.Image, features: sitk.I
     """
     fixed_bin = _downsample(atlas_mask, REGISTRATION_SPACING, sitk.sitkNearestNeighbor)
     moving_bin = _downsample(subject_mask, REGISTRATION_SPACING, sitk.sitkNearestNeighbor)
-    fixed = _smooth_mask(atlas_mask)
-    moving = _smooth_mask(subject_mask)
+    fixed = smooth_mask(atlas_mask)
+    moving = smooth_mask(subject_mask)
     init = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
-    similarity = _register(fixed, moving, _similarity_from(sitk.AffineTransform(init)), iterations=80)
-    affine = _register(fixed, moving, similarity, iterations=120)
+    similarity = register_masks(fixed, moving, _similarity_from(sitk.AffineTransform(init)), iterations=80)
+    affine = register_masks(fixed, moving, similarity, iterations=120)
     fit = Fit(affine, _dice_on(fixed_bin, moving_bin, affine), feature_coverage(features, subject_mask, affine))
     if cranium is not None:
         fit.whole_head = affine
         # a similarity (pose and one scale): an affine is not pinned down by a cranium seen without its front
-        fit.transform = _register(fixed, moving, _similarity_from(affine), iterations=80,
+        fit.transform = register_masks(fixed, moving, _similarity_from(affine), iterations=80,
                                   fixed_mask=_downsample(cranium, REGISTRATION_SPACING, sitk.sitkNearestNeighbor))
     return fit
+
+
+#: Spacing (mm) of the intensity registration (``fit_atlas``): a head is about 60 x 80 x 70 voxels.
+MI_SPACING_MM = 3.0
+#: Width (mm) of the air around the subject's head that the intensity fit also looks at (the skin's edge).
+MI_AIR_MM = 6.0
+#: Depth (mm) of the field of view's edge that the fit leaves out (a cut edge is not anatomy).
+MI_FOV_INSET_MM = 4.0
+#: Bounds of the starting scale taken from the brains' volumes (atlas size / subject size).
+START_SCALE = (0.8, 1.25)
+#: Mean distance (mm) over the face by which the whole-head affine fit may depart from the cranium fit;
+#: beyond it the affine fit is not used (a field of view that shows little of the head leaves it free).
+MAX_WHOLE_HEAD_DEPARTURE_MM = 15.0
+
+
+def coarse_copy(image: sitk.Image, spacing: float) -> sitk.Image:
+    """``image`` (float32) on a ``spacing`` mm grid of its own orientation, block-averaged first."""
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    factors = [max(1, int(np.floor(spacing / s + 1e-6))) for s in img.GetSpacing()]
+    if max(factors) > 1:
+        img = sitk.BinShrink(img, factors)
+    return _downsample(img, spacing)
+
+
+def centroid_mm(mask: sitk.Image) -> tuple[np.ndarray, float]:
+    """World (LPS) centroid and volume (ml) of a binary mask."""
+    idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
+    if idx.size == 0:
+        return np.zeros(3), 0.0
+    centre = mask.TransformContinuousIndexToPhysicalPoint(idx.mean(axis=0)[::-1].tolist())
+    return np.array(centre), float(len(idx)) * float(np.prod(mask.GetSpacing())) / 1000.0
+
+
+def _mutual_information(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, initial: sitk.Transform,
+                        iterations: int) -> sitk.AffineTransform:
+    """Mattes mutual information registration (fixed points -> moving points) over ``mask``."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricFixedMask(mask)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.3, 1)  # a fixed seed: the same volume always gets the same fit
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, iterations, relaxationFactor=0.6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetInitialTransform(initial, inPlace=False)
+    return _as_affine(reg.Execute(fixed, moving))
+
+
+def fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Image,
+              fov: sitk.Image) -> Fit:
+    """Fit the atlas to a subject by its intensities inside the field of view (module docstring).
+
+    Args:
+        atlas: the identity atlas (its ``template``, ``brain_image``, ``cranium``, ``head`` and ``features``).
+        head: the subject's head mask (uint8, any grid; ``head_mask``).
+        brain: the subject's brain mask found in its image (uint8, any grid; ``semid.brain``).
+        image: the subject's volume (any orientation, spacing, MR weighting or CT).
+        fov: uint8 mask (any grid) of where the subject's volume holds data (``grids.FieldOfView.mask_on``).
+
+    Returns:
+        ``Fit``: ``transform`` the cranium fit (a similarity, template -> subject points), ``whole_head`` the
+        affine fit over everything in view, ``dice`` the head-mask overlap inside the field of view.
+    """
+    fixed = coarse_copy(image, MI_SPACING_MM)
+    moving = atlas.template_coarse
+    near = sitk.Cast(sitk.Resample(head, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
+    near = sitk.Cast(sitk.SignedMaurerDistanceMap(near, insideIsPositive=False, squaredDistance=False,
+                                                  useImageSpacing=True) <= MI_AIR_MM, sitk.sitkUInt8)
+    in_view = sitk.Cast(sitk.Resample(fov, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
+    in_view = sitk.Cast(sitk.SignedMaurerDistanceMap(in_view, insideIsPositive=True, squaredDistance=False,
+                                                     useImageSpacing=True) >= MI_FOV_INSET_MM, sitk.sitkUInt8)
+    looked_at = sitk.And(near, in_view)
+    # start: the subject's brain onto the atlas's (subject points -> template points)
+    subject_centre, subject_ml = centroid_mm(brain)
+    atlas_centre, atlas_ml = centroid_mm(atlas.brain_image)
+    start = sitk.Similarity3DTransform()
+    start.SetCenter(subject_centre.tolist())
+    start.SetTranslation((atlas_centre - subject_centre).tolist())
+    if subject_ml > 0:
+        start.SetScale(float(np.clip((atlas_ml / subject_ml) ** (1.0 / 3.0), *START_SCALE)))
+    rough = _mutual_information(fixed, moving, looked_at, start, 150)
+    cranium = sitk.Cast(sitk.Resample(atlas.cranium, fixed, rough, sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
+    refined = _mutual_information(fixed, moving, sitk.And(cranium, looked_at), _similarity_from(rough), 150)
+    whole = _mutual_information(fixed, moving, looked_at, sitk.AffineTransform(refined), 100)
+    transform = _as_affine(refined.GetInverse())
+    whole_head = _as_affine(whole.GetInverse())
+    if _mean_departure_mm(whole_head, transform, atlas.features) > MAX_WHOLE_HEAD_DEPARTURE_MM:
+        whole_head = None
+    return Fit(transform, _head_dice_in_view(atlas.head, head, fov, transform), 0.0, whole_head)
+
+
+def _mean_departure_mm(a: sitk.Transform, b: sitk.Transform, where: sitk.Image) -> float:
+    """Mean distance (mm) between where ``a`` and ``b`` take the voxels of ``where`` (template grid)."""
+    idx = np.argwhere(sitk.GetArrayViewFromImage(where) > 0)[::7, ::-1]
+    if idx.size == 0:
+        return 0.0
+    pts = [where.TransformIndexToPhysicalPoint([int(v) for v in p]) for p in idx]
+    return float(np.mean([np.linalg.norm(np.subtract(a.TransformPoint(p), b.TransformPoint(p))) for p in pts]))
+
+
+def _head_dice_in_view(atlas_head: sitk.Image, head: sitk.Image, fov: sitk.Image,
+                       transform: sitk.Transform) -> float:
+    """Dice of the fitted atlas head and the subject's head, on the subject's grid inside its field of view."""
+    ref = _downsample(head, REGISTRATION_SPACING, sitk.sitkNearestNeighbor)
+    warped = sitk.GetArrayViewFromImage(sitk.Resample(atlas_head, ref, transform.GetInverse(),
+                                                      sitk.sitkNearestNeighbor, 0)) > 0
+    subject = sitk.GetArrayViewFromImage(ref) > 0
+    view = sitk.GetArrayViewFromImage(sitk.Resample(fov, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+    a, b = warped & view, subject & view
+    denom = int(a.sum()) + int(b.sum())
+    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 0.0
 
 
 #: Distance (mm) from the atlas's identity region beyond which the head counts as cranium for the
@@ -399,6 +530,78 @@ def feature_coverage(features: sitk.Image, subject_mask: sitk.Image, transform: 
     return float((sitk.GetArrayViewFromImage(warped)[f] > 0).mean()) if f.any() else 0.0
 
 
+# ----------------------------------------------------------------------------------------- the atlas
+
+
+@dataclass
+class Atlas:
+    """The identity atlas on its 2 mm template grid (``build_atlas``; loaded by ``load_atlas``).
+
+    Attributes:
+        template: the average head itself (float32): what ``fit_atlas`` registers.
+        head, brain: its head mask and the MNI152 brain brought into it (uint8).
+        brain_image: the brain ``semid.brain`` finds in ``template`` (uint8): the same tool as on a subject,
+            so ``fit_atlas`` starts from like for like.
+        score: ``s(x)`` (float32, 0 outside the identity region); blank_sdf: signed distance to the
+            featureless head surface; features: nose, lips, brows, chin, ears (uint8).
+    """
+
+    template: sitk.Image
+    head: sitk.Image
+    brain: sitk.Image
+    brain_image: sitk.Image
+    score: sitk.Image
+    blank_sdf: sitk.Image
+    features: sitk.Image
+    version: str
+
+    @classmethod
+    def load(cls, folder: Path | None = None) -> Atlas:
+        from semid.data import data_file
+
+        folder = Path(folder or data_file("atlas"))
+        meta_path = folder / "atlas.json"
+        if not meta_path.exists():
+            raise InputError("SemID's identity atlas is missing: run `make data` (or `semid data fetch`) first.")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") != ATLAS_VERSION or not (folder / "brain_image.nii.gz").exists():
+            raise InputError("SemID's identity atlas was built by an older version: run `make data` (or "
+                             "`semid data fetch`) again.")
+
+        def read(name: str) -> sitk.Image:
+            return sitk.ReadImage(str(folder / name))
+
+        return cls(sitk.Cast(read("template.nii.gz"), sitk.sitkFloat32), read("head.nii.gz"), read("brain.nii.gz"),
+                   read("brain_image.nii.gz"), read("score.nii.gz"), read("blank_sdf.nii.gz"),
+                   read("features.nii.gz"), meta["version"])
+
+    @functools.cached_property
+    def template_coarse(self) -> sitk.Image:
+        """``template`` on the intensity fit's grid (``MI_SPACING_MM``)."""
+        return coarse_copy(self.template, MI_SPACING_MM)
+
+    @functools.cached_property
+    def cranium(self) -> sitk.Image:
+        """The head outside the face (``cranium_mask``): what the atlas fit is refined on."""
+        return cranium_mask(self.head, self.score)
+
+    @functools.cached_property
+    def blocking_score(self) -> sitk.Image:
+        """``s(x)`` with the tissue margin around the region (``blocking_score``): what is blocked."""
+        return blocking_score(self.score, self.brain)
+
+
+_ATLASES: dict[str, Atlas] = {}
+
+
+def load_atlas(folder: Path | None = None) -> Atlas:
+    """The atlas in ``folder`` (default: the data folder's ``atlas``), loaded once per process."""
+    key = str(folder)
+    if key not in _ATLASES:
+        _ATLASES[key] = Atlas.load(folder)
+    return _ATLASES[key]
+
+
 def build_atlas(root: Path) -> Path:
     """Build the identity atlas from the fetched templates into ``root/atlas`` (once, ~20 s).
 
@@ -450,6 +653,12 @@ def build_atlas(root: Path) -> Path:
     # brows, chin, ears); a head must cover most of them once the atlas is fitted to it
     features = sitk.And(sitk.And(head, sitk.Not(blank)), _like(score > 0, head))
     save(features, "features.nii.gz", sitk.sitkUInt8)
+    # the brain the subject's brain is found by (``semid.brain``), found the same way in the template
+    from semid.brain import mr_brain
+
+    found = mr_brain(mean)
+    save(sitk.Resample(found.mask, mean, sitk.Transform(), sitk.sitkNearestNeighbor, 0), "brain_image.nii.gz",
+         sitk.sitkUInt8)
     meta = {"version": ATLAS_VERSION, "spacing_mm": ATLAS_SPACING,
             "identity_region_ml": float((score > 0).sum()) * ATLAS_SPACING**3 / 1000.0,
             "mni_to_template": {"matrix": list(mni_to_mean.GetMatrix()),

@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from semid.errors import InputError
+from semid.grids import processing_grid, to_grid
 from semid.io import plain_metadata
 
 #: Isotropic spacing (mm) of the processing grid (see the module docstring for why).
@@ -147,48 +148,7 @@ def resolve_modality(image: sitk.Image, modality: str | None) -> str:
 
 # ---------------------------------------------------------------------------------------- preprocessing
 
-_RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS axes written in ITK's LPS world
-
-
-def processing_grid(image: sitk.Image, spacing: float = SPACING_MM) -> sitk.Image:
-    """The world-aligned RAS grid of ``spacing`` mm that covers ``image``'s physical extent (uint8, empty).
-
-    The grid is centred on the extent's bounding box, so a non-oblique input and its 4 mm grid share
-    their centre.
-    """
-    size = image.GetSize()
-    corners = np.array([image.TransformContinuousIndexToPhysicalPoint([c - 0.5 for c in idx])
-                        for idx in itertools.product(*[(0.0, float(n)) for n in size])])
-    ras = corners * np.array([-1.0, -1.0, 1.0])
-    lo, hi = ras.min(axis=0), ras.max(axis=0)
-    n = np.maximum(2, np.ceil((hi - lo) / spacing - 1e-3)).astype(int)
-    first = 0.5 * (lo + hi) - 0.5 * (n - 1) * spacing
-    grid = sitk.Image([int(v) for v in n], sitk.sitkUInt8)
-    grid.SetSpacing([float(spacing)] * 3)
-    grid.SetOrigin((first * np.array([-1.0, -1.0, 1.0])).tolist())
-    grid.SetDirection(_RAS_DIRECTION)
-    return grid
-
-
-def to_grid(image: sitk.Image, grid: sitk.Image, default: float = 0.0) -> sitk.Image:
-    """``image`` resampled (linear, float32) onto ``grid``, anti-aliased first.
-
-    Anti-aliasing: each axis is block-averaged by the largest integer factor that keeps its spacing at
-    or below the grid's (``BinShrink``: 1 mm -> 4 mm averages 4 voxels, 2 mm -> 4 mm averages 2), and a
-    Gaussian on the shrunk volume makes up the rest (FWHM = sqrt(target^2 - spacing^2)). A 1 mm and a
-    2 mm scan of one head then look alike at 4 mm. Block averaging costs a few tens of milliseconds on a
-    1 mm head where a full-resolution Gaussian took seconds.
-    """
-    target = float(grid.GetSpacing()[0])
-    img = sitk.Cast(image, sitk.sitkFloat32)
-    factors = [max(1, int(math.floor(target / s + 1e-6))) for s in img.GetSpacing()]
-    if max(factors) > 1:
-        img = sitk.BinShrink(img, factors)
-    sigmas = [math.sqrt(max(target**2 - s**2, 0.0)) / 2.3548 for s in img.GetSpacing()]
-    if max(sigmas) > 0.05 * target:
-        # a zero sigma is not allowed by the filter; a tiny one leaves that axis untouched
-        img = sitk.SmoothingRecursiveGaussian(img, [max(s, 1e-3) for s in sigmas])
-    return sitk.Resample(img, grid, sitk.Transform(), sitk.sitkLinear, float(default), sitk.sitkFloat32)
+# ``processing_grid`` and ``to_grid`` (``semid.grids``): the world-aligned RAS grid the network works on.
 
 
 def to_input_grid(prob: sitk.Image, image: sitk.Image, floor: float = 1e-3) -> sitk.Image:
@@ -242,7 +202,7 @@ def prepare(image: sitk.Image, modality: str) -> tuple[np.ndarray, sitk.Image]:
         ``SPACING_MM`` (``processing_grid``).
     """
     oriented = sitk.DICOMOrient(image, "RAS")
-    grid = processing_grid(oriented)
+    grid = processing_grid(oriented, SPACING_MM)
     background = -1000.0 if modality == "CT" else 0.0
     x = sitk.GetArrayFromImage(to_grid(oriented, grid, background))
     return normalise(x, modality), grid
