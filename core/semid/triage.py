@@ -41,8 +41,6 @@ PASS_THROUGH = (SKULL_STRIPPED, NOTHING_IN_VIEW)
 COARSE_MM = 2.0
 #: Smallest foreground (ml) that can be a head or a brain.
 MIN_HEAD_ML = 250.0
-#: Smallest brain (ml, inside the field of view) the brain finder must return for a head.
-MIN_BRAIN_ML = 150.0
 #: The brain is grown by this much (mm) before the head outside it is measured (a stripping mask often
 #: keeps a rim of CSF and meninges).
 BRAIN_GROW_MM = 4.0
@@ -156,9 +154,11 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
     evidence["non_brain_share"] = round(non_brain, 4)
     _lap(timings, "brain", since)
 
-    if non_brain < STRIPPED_NON_BRAIN_SHARE or brain_ml < MIN_BRAIN_ML:
-        # no scalp, skull or skin outside the brain (or, on CT, no skull to find it in): a brain only?
+    if non_brain < STRIPPED_NON_BRAIN_SHARE:
+        # no scalp, skull or skin outside the brain: a brain only?
         return _brain_only(image, coarse, head, brain, atlas, evidence, verdict, timings, since)
+    # with scalp and skull around little brain (the top of a head, a face or sinus scan, or a CT whose brain
+    # could not be enclosed) the fit decides, and its brain must agree with the image's (below)
 
     fit = idm.fit_atlas(atlas, head, brain.mask, image, fov.mask_on(image, coarse))
     _lap(timings, "registration", since)
@@ -234,7 +234,7 @@ def _fitted_nmi(template: sitk.Image, coarse: sitk.Image, template_to_subject: s
                 where: sitk.Image) -> float:
     """Normalised mutual information (H(A) + H(B)) / H(A, B) of ``template`` (fitted) and ``coarse``'s
     voxels inside ``where`` (32 bins each, each image's 1st-99th percentiles)."""
-    warped = sitk.GetArrayViewFromImage(sitk.Resample(template, coarse, template_to_subject.GetInverse(),
+    warped = sitk.GetArrayFromImage(sitk.Resample(template, coarse, template_to_subject.GetInverse(),
                                                       sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     inside = sitk.GetArrayViewFromImage(where) > 0
     a = warped[inside]
@@ -261,7 +261,7 @@ def _brain_agreement(atlas_brain: sitk.Image, brain: Brain, coarse: sitk.Image, 
                      template_to_subject: sitk.Transform) -> float:
     """Dice, inside the field of view, of the brain found in the image and the atlas's (image-found) brain
     placed by the fit."""
-    warped = sitk.GetArrayViewFromImage(sitk.Resample(atlas_brain, coarse, template_to_subject.GetInverse(),
+    warped = sitk.GetArrayFromImage(sitk.Resample(atlas_brain, coarse, template_to_subject.GetInverse(),
                                                       sitk.sitkNearestNeighbor, 0)) > 0
     view = sitk.GetArrayViewFromImage(in_view) > 0
     found = brain.on(coarse) & view

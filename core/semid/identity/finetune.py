@@ -285,7 +285,7 @@ def phantom_validation() -> list[ValidationCase]:
 
 def mean_dice(model: idnet.IdentityNetwork, cases: Sequence[ValidationCase]) -> float:
     """Mean over ``cases`` of the Dice of ``model.predict(image) > 0.5`` against the region (input grid)."""
-    scores = [idnet.dice(sitk.GetArrayViewFromImage(model.predict(c.image, c.modality)) > 0.5, c.region)
+    scores = [idnet.dice(sitk.GetArrayFromImage(model.predict(c.image, c.modality)) > 0.5, c.region)
               for c in cases]
     return float(np.mean(scores))
 
