@@ -245,7 +245,7 @@ def test_orthanc_source_every_study_done_and_deidentified(pacs: Pacs, from_ortha
     assert _leaks([p.read_bytes() for p in pacs.heads.rglob("*.dcm")]) >= {"QXDOE", "QXID4711", "QXHOSPITAL"}
     leaks = _leaks([*_tree_blobs(out), first.stdout, first.stderr])
     assert not leaks, f"canary PHI found: {sorted(leaks)}"
-    assert b"2 de-identified in this run" in first.stdout, first.stdout
+    assert b"2 processed in this run" in first.stdout, first.stdout
 
 
 def test_orthanc_originals_are_byte_identical(pacs: Pacs, from_orthanc) -> None:
@@ -264,7 +264,7 @@ def test_corrupt_study_in_orthanc_is_failed_with_its_reason(pacs: Pacs, from_ort
 def test_orthanc_source_rerun_is_a_no_op(from_orthanc) -> None:
     again, rows, rows_again = from_orthanc["again"], from_orthanc["rows"], from_orthanc["rows_again"]
     assert again.returncode == 3, again.stderr[-3000:]
-    assert b"0 de-identified in this run, 2 already done, 1 failed" in again.stdout, again.stdout
+    assert b"0 processed in this run, 2 already done, 1 failed" in again.stdout, again.stdout
     # nothing redone: the same rows (finish times, attempts, checksums) and the same files in OUT
     assert rows_again == rows
     assert from_orthanc["outputs_again"] == from_orthanc["outputs"]
@@ -312,7 +312,7 @@ def test_orthanc_destination_gets_new_clean_series_with_the_source_geometry(pacs
 def test_orthanc_destination_rerun_stores_nothing_twice(to_orthanc) -> None:
     again = to_orthanc["again"]
     assert again.returncode == 0, again.stderr[-3000:]
-    assert b"0 de-identified in this run, 2 already done" in again.stdout, again.stdout
+    assert b"0 processed in this run, 2 already done" in again.stdout, again.stdout
     assert to_orthanc["stored_again"] == to_orthanc["stored"]  # same instances, same bytes
     assert to_orthanc["rows_again"] == to_orthanc["rows"]
 
@@ -322,7 +322,7 @@ def test_stored_outputs_are_not_new_studies_of_the_orthanc_source(pacs: Pacs, da
     """After SemID stored its series into Orthanc, a batch from Orthanc still sees only the 3 studies."""
     run = _batch(dask_cluster.address, pacs.orthanc.dicomweb_url, str(from_orthanc["out"]))
     assert run.returncode == 3, run.stderr[-3000:]
-    assert b"3 studies: 0 de-identified in this run, 2 already done, 1 failed" in run.stdout, run.stdout
+    assert b"3 studies: 0 processed in this run, 2 already done, 1 failed" in run.stdout, run.stdout
     assert _manifest(from_orthanc["out"]) == from_orthanc["rows"]
 
 

@@ -321,15 +321,20 @@ def _volume_study(study: Study, cfg: WorkerConfig, staging: Path, qc: bool) -> d
     result = Deidentifier(cfg.level, fill=make_fill(cfg.fill)).run(image)
     folder = staging / study.key
     suffix = _volume_suffix(source.name)
+    passed = result.record.get("no_face_present")
+    # a volume with nothing identifying (skull-stripped, no face part in view) is written unchanged, and counted
     write_volume(result.image, folder / f"{study.key}{suffix}")
     write_json(result.record, folder / f"{study.key}.json")
     checksums = _checksums(folder, study.key)
     if qc:
         _qc_picture(cfg, study.key, image, result.image, result.mask, result.record)
     _place(folder, Path(cfg.out) / study.key, staging)
-    return {"ok": True, "outputs": [study.key], "checksums": checksums,
-            "record": {k: result.record.get(k) for k in ("level", "blocked_ml", "residual_risk",
-                                                          "voxels_changed_outside_block")}}
+    counts = {"volumes_passed_through" if passed else "volumes_deidentified": 1,
+              "volumes_already_defaced": int(bool(result.record.get("already_defaced")))}
+    return {"ok": True, "outputs": [study.key], "checksums": checksums, "counts": counts,
+            "note": result.record["triage"]["finding"] if passed else None,
+            "record": {k: result.record.get(k) for k in ("level", "no_face_present", "already_defaced", "blocked_ml",
+                                                          "residual_risk", "voxels_changed_outside_block")}}
 
 
 def _dicom_study(study: Study, cfg: WorkerConfig, staging: Path, qc: bool) -> dict[str, Any]:
@@ -376,14 +381,18 @@ def _dicom_study(study: Study, cfg: WorkerConfig, staging: Path, qc: bool) -> di
     else:
         for folder, rel in zip(studies, outputs, strict=True):
             _place(folder, Path(cfg.out) / rel, staging)
-    note = None
+    notes = [f"{p['outcome']} ({p['files']} files): {p['reason']}" for p in report.image_series_problems]
+    notes += [f"passed through ({p['files']} files): {p['reason']}" for p in report.image_series_passed]
     if report.quarantined:
         reasons = Counter(q["reason"] for q in report.quarantined)
-        note = "quarantined: " + "; ".join(f"{n} {r}" for r, n in reasons.most_common(3))
+        notes.append("quarantined files: " + "; ".join(f"{n} {r}" for r, n in reasons.most_common(3)))
+    counts = {"series_deidentified": report.image_series_deidentified,
+              "series_already_defaced": report.image_series_already_defaced,
+              "series_passed_through": report.image_series_passed_through,
+              "series_quarantined": report.image_series_quarantined}
     return {"ok": True, "outputs": outputs if not cfg.out_url else [], "checksums": checksums,
-            "series_uids": series_uids, "note": note,
-            "record": {"level": cfg.level, "files_written": report.files_written,
-                       "image_series_deidentified": report.image_series_deidentified,
+            "series_uids": series_uids, "note": " · ".join(notes) or None, "counts": counts,
+            "record": {"level": cfg.level, "files_written": report.files_written, **counts,
                        "quarantined": len(report.quarantined)}}
 
 
@@ -439,16 +448,34 @@ class BatchSummary:
     manifest: str = ""
     report: str = ""
     failures: list[dict[str, Any]] = field(default_factory=list)
+    #: this run's volumes and CT/MR series by outcome (``COUNTS``): de-identified, passed through with nothing
+    #: identifying (skull-stripped, no face part in view), quarantined (a head series that could not be)
+    counts: Counter = field(default_factory=Counter)
+    #: studies of this run with a series passed through or quarantined: key and reasons
+    notes: list[dict[str, Any]] = field(default_factory=list)
 
     def text(self) -> str:
-        lines = [f"{self.studies} studies: {self.done} de-identified in this run, {self.skipped} already done, "
+        c = self.counts
+        lines = [f"{self.studies} studies: {self.done} processed in this run, {self.skipped} already done, "
                  f"{self.failed} failed; {self.elapsed_s:.0f} s ({self.studies_per_hour:.0f} studies/hour)",
+                 f"volumes: {c['volumes_deidentified']} de-identified ({c['volumes_already_defaced']} already "
+                 f"defaced), {c['volumes_passed_through']} passed through unchanged (nothing identifying)",
+                 f"DICOM CT/MR series: {c['series_deidentified']} de-identified ({c['series_already_defaced']} already "
+                 f"defaced), {c['series_passed_through']} passed through (nothing identifying), "
+                 f"{c['series_quarantined']} quarantined (not written)",
                  f"manifest: {self.manifest}"]
         if self.report:
             lines.append(f"QC report: {self.report}")
         for f in self.failures:
             lines.append(f"failed {f['key']} (attempts {f['attempts']}): {f['reason']}")
+        for n in self.notes:
+            lines.append(f"{n['key']}: {n['note']}")
         return "\n".join(lines)
+
+    @property
+    def needs_attention(self) -> bool:
+        """A study failed or a head series was quarantined: the run must not end as if all went well."""
+        return bool(self.failed or self.counts["series_quarantined"])
 
 
 @dataclass
@@ -718,6 +745,9 @@ def _execute(opts: BatchOptions, todo: list[Study], cfg: WorkerConfig, qc_keys: 
                     manifest.finished(study.key, result)
                     if result.get("ok"):
                         summary.done += 1
+                        summary.counts.update(result.get("counts") or {})
+                        if result.get("note"):
+                            summary.notes.append({"key": study.key, "note": result["note"]})
                         progress.update(1, failed)
                     elif attempts < max_attempts:
                         tries[study.key] += 1

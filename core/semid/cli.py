@@ -68,8 +68,12 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
         stages("reading the volume")
         image = read_volume(args.input)
         result = Deidentifier(level, fill=make_fill(args.fill, args.identity)).run(image, progress=stages)
-        stages("writing the output")
-        write_volume(result.image, out)
+        passed = result.record.get("no_face_present")
+        if passed and args.no_passthrough:
+            result.record["output_written"] = False
+        else:
+            stages("writing the output")
+            write_volume(result.image, out)
         result.record["elapsed_s"] = round(time.perf_counter() - started, 3)
         write_json(result.record, record_path)
         if args.qc:
@@ -81,11 +85,18 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
         stages.close()
     rec = result.record
     if not args.quiet:
-        print(f"de-identified at level {rec['level']:g} ({rec['preset'] or 'custom'}): blocked "
-              f"{rec['blocked_ml']:.1f} ml, voxels changed outside the block: "
-              f"{rec['voxels_changed_outside_block']}, brain voxels changed: {rec.get('brain_voxels_changed', 0)}"
-              f" ({rec['elapsed_s']:.1f} s)")
-        print(f"output: {out}\nrecord: {record_path}" + (f"\nQC picture: {args.qc}" if args.qc else ""))
+        finding = rec.get("triage", {}).get("finding")
+        if passed:
+            print(f"{finding} {'No output was written (--no-passthrough).' if args.no_passthrough else ''}".strip())
+        else:
+            if rec.get("already_defaced"):
+                print(finding)
+            print(f"de-identified at level {rec['level']:g} ({rec['preset'] or 'custom'}): blocked "
+                  f"{rec['blocked_ml']:.1f} ml, voxels changed outside the block: "
+                  f"{rec['voxels_changed_outside_block']}, brain voxels changed: {rec.get('brain_voxels_changed', 0)}"
+                  f" ({rec['elapsed_s']:.1f} s)")
+        written = "" if passed and args.no_passthrough else f"output: {out}\n"
+        print(f"{written}record: {record_path}" + (f"\nQC picture: {args.qc}" if args.qc else ""))
     return 0
 
 
@@ -110,7 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from semid.identity import guess_modality
+    from semid.identity import guess_modality, load_atlas
     from semid.io import geometry, modality_of, read_volume
 
     image = read_volume(args.input)
@@ -126,11 +137,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         "volume_ml": float(np.prod(image.GetSize()) * np.prod(image.GetSpacing()) / 1000.0),
         "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()),
     }
+    if not args.no_triage and stats.GetMinimum() != stats.GetMaximum():
+        from semid.triage import assess
+
+        triage = assess(image, load_atlas(), modality_of(image))
+        info.update(triage=triage.kind, finding=triage.sentence, evidence=triage.evidence)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            if isinstance(value, list):
+            if key == "evidence":
+                value = json.dumps(value)
+            elif isinstance(value, list):
                 value = " ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)
             print(f"{key:18s} {value}")
     return 0
@@ -162,18 +180,30 @@ def cmd_deidentify_dicom(args: argparse.Namespace) -> int:
 
     try:
         report = deidentify_tree(args.input, out, level, options, key, ocr=not args.no_ocr,
-                                 mapping_path=args.mapping, progress=progress)
+                                 mapping_path=args.mapping, progress=progress,
+                                 keep_undeidentified_pixels=args.keep_undeidentified_pixels)
     finally:
         if bar is not None:
             bar.close()
     write_report(report, report_path)
+    problems = report.image_series_quarantined + report.image_series_written_undeidentified
     if not args.quiet:
-        print(f"{report.files_written} of {report.files_seen} files de-identified "
-              f"({report.patients} patients, {report.studies} studies, {report.series} series; "
-              f"{report.image_series_deidentified} image series through the image pipeline) in "
-              f"{report.elapsed_s:.1f} s; {len(report.quarantined)} quarantined (see the report)")
+        print(f"{report.files_written} of {report.files_seen} files written ({report.patients} patients, "
+              f"{report.studies} studies, {report.series} series) in {report.elapsed_s:.1f} s; "
+              f"{len(report.quarantined)} files quarantined (see the report)")
+        defaced = report.image_series_already_defaced
+        print(f"CT/MR volume series: {report.image_series_deidentified} de-identified"
+              + (f" ({defaced} of them already defaced)" if defaced else "")
+              + f", {report.image_series_passed_through} passed through (nothing identifying), "
+              f"{report.image_series_quarantined} quarantined"
+              + (f", {report.image_series_written_undeidentified} written NOT de-identified"
+                 if report.image_series_written_undeidentified else ""))
+        for item in report.image_series_passed + report.image_series_problems:
+            outcome = item.get("outcome", "passed through")
+            print(f"  {outcome}: {item['files']} files from {item['first_file']}: {item['reason']}")
         print(f"output: {out}\nreport: {report_path}")
-    return 0
+    # a head series that could not be de-identified ends the run non-zero: an automation must look at it
+    return 3 if problems else 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -189,7 +219,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         retries=args.retries, key_file=args.key_file, options=tuple(args.option or ()), ocr=not args.no_ocr,
         fill=args.fill, qc_sample=args.qc_sample, report_dir=args.report, work=args.work, quiet=args.quiet), say)
     print(summary.text())
-    return 3 if summary.failed else 0
+    return 3 if summary.needs_attention else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -284,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned fill: SemID's default face, or a synthetic face drawn from the identity prior")
     p.add_argument("--record", help="where to write the JSON record (default: beside OUT, .json)")
     p.add_argument("--qc", help="also write a QC picture (PNG): slices and renders, original beside output")
+    p.add_argument("--no-passthrough", action="store_true",
+                   help="write no output for a volume with nothing identifying to remove (skull-stripped, no face "
+                        "part or ear in view); the record still says why (by default it is written unchanged)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=cmd_deidentify)
 
@@ -299,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="JSON report path (default: beside OUT, OUT_report.json)")
     p.add_argument("--mapping", help="also write the original -> pseudonym table here (never inside OUT)")
     p.add_argument("--no-ocr", action="store_true", help="skip the burned-in text check")
+    p.add_argument("--keep-undeidentified-pixels", action="store_true",
+                   help="write CT/MR volume series whose pixels could not be de-identified (headers cleaned, pixels "
+                        "as they were, the reason in the report) instead of quarantining them; exit code 3")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_deidentify_dicom)
 
@@ -335,9 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("info", help="geometry, pixel type and modality of a volume")
+    p = sub.add_parser("info", help="geometry, pixel type, modality, and what the volume is (triage: a head with a "
+                                    "face, defaced, skull-stripped, not a head) with the numbers that decide it")
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-triage", action="store_true", help="geometry and values only (no triage, instant)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="privacy-utility benchmark of SemID and the baselines on phantom heads")

@@ -57,7 +57,17 @@ class Report:
     studies: int = 0
     series: int = 0
     image_series_deidentified: int = 0
-    image_series_kept: int = 0
+    #: head series whose triage found nothing identifying (skull-stripped, no face part in view), written with
+    #: their pixels unchanged; the reasons in ``image_series_passed``
+    image_series_passed_through: int = 0
+    #: CT/MR volume series whose pixels could not be de-identified: quarantined (never written), or written
+    #: with ``keep_undeidentified_pixels``; the reasons in ``image_series_problems``
+    image_series_quarantined: int = 0
+    image_series_written_undeidentified: int = 0
+    #: head series found already defaced (what remained was de-identified)
+    image_series_already_defaced: int = 0
+    image_series_passed: list = field(default_factory=list)
+    image_series_problems: list = field(default_factory=list)
     burned_in_files_checked: int = 0
     burned_in_boxes_blanked: int = 0
     actions: dict = field(default_factory=dict)
@@ -127,8 +137,16 @@ def _scan(in_dir: Path, report: Report) -> list[_Instance]:
 
 def deidentify_tree(in_dir: str | Path, out_dir: str | Path, level: float | str = "high",
                     options: Options | None = None, key: ps.Key | None = None, ocr: bool = True,
-                    mapping_path: str | Path | None = None, progress: Progress | None = None) -> Report:
-    """De-identify every DICOM instance under ``in_dir`` into ``out_dir``; return the run's report."""
+                    mapping_path: str | Path | None = None, progress: Progress | None = None,
+                    keep_undeidentified_pixels: bool = False) -> Report:
+    """De-identify every DICOM instance under ``in_dir`` into ``out_dir``; return the run's report.
+
+    A CT or MR volume series whose pixels cannot be de-identified (the image pipeline refuses it: not a
+    head, the brain not found with confidence, ...) may still show a face: it is quarantined with the
+    reason, never written as if it were de-identified. With ``keep_undeidentified_pixels`` it is written
+    with its headers cleaned and its pixels as they were, and the report names it (the caller should then
+    end with a non-zero exit).
+    """
     from semid.pipeline import parse_level
 
     started = time.perf_counter()
@@ -151,14 +169,15 @@ def deidentify_tree(in_dir: str | Path, out_dir: str | Path, level: float | str 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        return _run(in_dir, out_dir, staging, level, profile, report, ocr, mapping_path, progress, started)
+        return _run(in_dir, out_dir, staging, level, profile, report, ocr, mapping_path, progress, started,
+                    keep_undeidentified_pixels)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run(in_dir: Path, out_dir: Path, staging: Path, level: float, profile: Profile, report: Report,
          ocr: bool, mapping_path: str | Path | None, progress: Progress | None,
-         started: float) -> Report:
+         started: float, keep_undeidentified_pixels: bool = False) -> Report:
     instances = _scan(in_dir, report)
     by_series: dict[tuple[str, str, str], list[_Instance]] = defaultdict(list)
     for inst in instances:
@@ -170,7 +189,7 @@ def _run(in_dir: Path, out_dir: Path, staging: Path, level: float, profile: Prof
     mapping_rows: list[dict] = []
     done = 0
     for (patient, study, series), members in by_series.items():
-        pixels = _volume_pixels(members, level, report)
+        pixels = _volume_pixels(members, level, report, keep_undeidentified_pixels)
         for inst in members:
             if pixels is not None and inst.path not in pixels:
                 continue  # quarantined with its series
@@ -209,11 +228,14 @@ class _Quarantine(Exception):
     """A file that cannot be processed; the message is the report's reason (no PHI)."""
 
 
-def _volume_pixels(members: list[_Instance], level: float, report: Report) -> dict[Path, np.ndarray] | None:
+def _volume_pixels(members: list[_Instance], level: float, report: Report,
+                   keep_undeidentified_pixels: bool = False) -> dict[Path, np.ndarray] | None:
     """De-identified stored pixel values per file for a head CT/MR volume series, else None.
 
-    Returns None for series that are not volumes (pixels kept); returns {} and quarantines the files
-    of a volume series whose geometry is mixed.
+    Returns None for series whose pixels are written as they are: not a volume (too few slices, no
+    geometry), nothing identifying in view (the triage's pass-through, with its reason in the report), or
+    refused with ``keep_undeidentified_pixels``. Returns {} and quarantines the files of a volume series
+    that cannot be read as one volume, or whose pixels could not be de-identified.
     """
     modality = members[0].modality
     if modality not in ("CT", "MR") or len(members) < MIN_VOLUME_SLICES or not all(m.has_pixels for m in members):
@@ -227,11 +249,22 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
                for m in members]
     if not has_slice_geometry(headers):
         return None  # no geometry to stack slices by: header-only processing
-    if not is_uniform_series(headers):
+
+    def problem(outcome: str, reason: str) -> None:
+        # the input files name the series for the operator (the report is written outside OUT_DIR: it names inputs)
+        report.image_series_problems.append({"first_file": members[0].rel, "files": len(members),
+                                             "outcome": outcome, "reason": reason})
+
+    def quarantine(reason: str, file_reason: str) -> dict:
+        report.image_series_quarantined += 1
+        problem("quarantined", reason)
         for m in members:
-            report.quarantined.append({"file": m.rel, "reason": "series with mixed geometry (sizes, orientations "
-                                                                "or spacings differ between slices)"})
+            report.quarantined.append({"file": m.rel, "reason": file_reason})
         return {}
+
+    if not is_uniform_series(headers):
+        return quarantine("mixed geometry", "series with mixed geometry (sizes, orientations or spacings differ "
+                                            "between slices)")
     # slices in order along the slice normal (GDCM's own sorter rescans the whole folder per series)
     order = slice_order(headers)
     files = [str(members[i].path) for i in order]
@@ -240,16 +273,26 @@ def _volume_pixels(members: list[_Instance], level: float, report: Report) -> di
     try:
         image = reader.Execute()
     except RuntimeError:
-        for m in members:
-            report.quarantined.append({"file": m.rel, "reason": "pixel data cannot be decoded here"})
-        return {}
+        return quarantine("pixel data cannot be decoded here", "pixel data cannot be decoded here")
     image.SetMetaData(MODALITY_KEY, members[0].modality)
     try:
         result = Deidentifier(level, fill=make_fill("auto")).run(image)
-    except InputError:
-        report.image_series_kept += 1
-        return None  # not a head with a face: the header is cleaned, the pixels are kept
+    except InputError as exc:
+        # the pixels may show a face that could not be removed: never written as if they were de-identified
+        if keep_undeidentified_pixels:
+            report.image_series_written_undeidentified += 1
+            problem("written with its pixels unchanged", str(exc))
+            return None
+        return quarantine(str(exc), f"{modality} volume series not de-identified: {exc}")
+    passed = result.record.get("no_face_present") or ("level 0 (off)" if level == 0.0 else None)
+    if passed:
+        report.image_series_passed_through += 1
+        finding = result.record.get("triage", {}).get("finding", "level 0: nothing is blocked")
+        report.image_series_passed.append({"first_file": members[0].rel, "files": len(members), "class": passed,
+                                           "reason": finding})
+        return None  # nothing identifying to remove: the header is cleaned, the pixels are kept
     report.image_series_deidentified += 1
+    report.image_series_already_defaced += int(bool(result.record.get("already_defaced")))
     stored = stored_pixels([headers[i] for i in order], sitk.GetArrayViewFromImage(result.image))
     return {Path(file): values for file, values in zip(files, stored, strict=True)}
 
