@@ -125,6 +125,9 @@ def _read_head(path: Path, compressed: bool, n: int) -> bytes:
 
 
 def _verify_nifti(path: Path, compressed: bool) -> None:
+    with open(path, "rb") as fh:
+        if compressed and fh.read(2) != b"\x1f\x8b":
+            return  # not gzip at all (a misnamed file): the reader says it is not an image
     head = _read_head(path, compressed, 544)
     if len(head) < 348:
         raise InputError(_CUT)

@@ -46,6 +46,11 @@ MIN_HEAD_ML = 250.0
 BRAIN_GROW_MM = 4.0
 #: Share of the foreground outside the (grown) brain below which there is no scalp, skull or skin.
 STRIPPED_NON_BRAIN_SHARE = 0.15
+#: Share of the foreground's surface in view that lies on the brain's (within ``SURFACE_ON_BRAIN_MM``) from
+#: which a foreground with little outside the brain is a brain alone: the top of a head also has little
+#: outside its brain, but its surface is the scalp's, a centimetre out (skull-stripped brains 0.97, the top
+#: 80 mm of the real T1w head 0.53: ``semid.eval.real_heads``).
+STRIPPED_SURFACE_SHARE, SURFACE_ON_BRAIN_MM = 0.8, 4.0
 #: Dice of the fitted average head with this head, inside the field of view, below which it is no head.
 MIN_HEAD_DICE = 0.8
 #: Dice of the brain found in the image with the fitted atlas brain below which neither is trusted.
@@ -54,9 +59,12 @@ MIN_BRAIN_AGREEMENT = 0.7
 #: head and this volume's voxels, below which the volume does not look like a head inside (a head CT fits the
 #: T1w average head at about 1.015, MR heads at 1.02-1.06; a cylinder 1.002, noise 1.000).
 MIN_HEAD_NMI = 1.005
-#: The same for the average head's brain and a foreground that has no scalp or skull: skull-stripped brains
-#: 1.03-1.04, a sphere or an ellipsoid of brain size 1.010-1.012.
-MIN_BRAIN_NMI = 1.02
+#: The same for the average head's brain and a foreground that has no scalp or skull, measured inside it
+#: (``BRAIN_NMI_INSET_MM``): skull-stripped brains 1.023-1.059 (ICBM T1/T2, MNI152, the real head stripped by
+#: HD-BET), a sphere, an ellipsoid or a uniform ball of brain size 1.000-1.001.
+MIN_BRAIN_NMI = 1.01
+#: Depth (mm) inside the foreground from which that mutual information is measured.
+BRAIN_NMI_INSET_MM = 4.0
 #: Dice of the atlas brain fitted to such a foreground below which it is not shaped like a brain
 #: (skull-stripped brains 0.96; a sphere 0.88, an ellipsoid 0.91).
 MIN_BRAIN_SHAPE_DICE = 0.85
@@ -70,6 +78,13 @@ EAR_LATERAL_MM = 55.0
 #: by the edge is neither there nor missing), and as present when tissue lies within this distance (mm) of
 #: it (the fit of an average face to a person's is a few millimetres off; a cut-away face is centimetres).
 PART_INSET_MM, PART_TOLERANCE_MM = 6.0, 4.0
+#: The face parts below this quantile of their height are the lower face (nose, lips, chin). With at least
+#: ``MIN_LOWER_FACE_ML`` of it in view and less than ``LOWER_FACE_DEFACED_BELOW`` of that tissue, the head is
+#: defaced (``semid.eval.real_heads``: quickshear 0.37, pydeface's mask 0.24, voxface's 0.00; whole, cropped,
+#: CT and average faces 0.79-0.97).
+LOWER_FACE_QUANTILE, MIN_LOWER_FACE_ML, LOWER_FACE_DEFACED_BELOW = 0.6, 5.0, 0.55
+#: The same tolerance for the parts placed by the cranium fit, which is not fitted to the face.
+CRANIUM_FIT_TOLERANCE_MM = 10.0
 
 
 @dataclass
@@ -154,7 +169,9 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
     evidence["non_brain_share"] = round(non_brain, 4)
     _lap(timings, "brain", since)
 
-    if non_brain < STRIPPED_NON_BRAIN_SHARE:
+    surface = _surface_on_brain(head, brain, fov.mask_on(image, coarse))
+    evidence["surface_on_brain_share"] = round(surface, 4)
+    if non_brain < STRIPPED_NON_BRAIN_SHARE and surface >= STRIPPED_SURFACE_SHARE:
         # no scalp, skull or skin outside the brain: a brain only?
         return _brain_only(image, coarse, head, brain, atlas, evidence, verdict, timings, since)
     # with scalp and skull around little brain (the top of a head, a face or sinus scan, or a CT whose brain
@@ -184,12 +201,32 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
     if parts["face_in_view_ml"] < MIN_PARTS_IN_VIEW_ML and parts["ears_in_view_ml"] < MIN_PARTS_IN_VIEW_ML:
         return verdict(NOTHING_IN_VIEW, "No face part and no ear is in the field of view: nothing identifying "
                                         "to remove, the volume is left as it is.", brain=brain, fit=fit)
-    if parts["face_in_view_ml"] >= MIN_PARTS_IN_VIEW_ML and parts["face_present_share"] < DEFACED_BELOW:
+    face_cut = parts["face_in_view_ml"] >= MIN_PARTS_IN_VIEW_ML and parts["face_present_share"] < DEFACED_BELOW
+    # a defacing tool cuts the nose, lips and chin and may leave the brows (quickshear's plane, a face mask)
+    lower_cut = (parts["lower_face_in_view_ml"] >= MIN_LOWER_FACE_ML
+                 and parts["lower_face_present_share"] < LOWER_FACE_DEFACED_BELOW)
+    if face_cut or lower_cut:
         return verdict(DEFACED, f"The head is already defaced: {100 * parts['face_present_share']:.0f} % of the "
-                                "face parts in view are tissue; what identifying anatomy remains (ears, eyes, "
-                                "the rim of the cut) is de-identified.", brain=brain, fit=fit)
+                                f"face parts in view are tissue ({100 * parts['lower_face_present_share']:.0f} % of "
+                                "nose, lips and chin); what identifying anatomy remains (ears, eyes, the rim of the "
+                                "cut) is de-identified.", brain=brain, fit=fit)
     return verdict(FACE, "A head with identity-bearing anatomy in view: de-identified as far as the field "
                          "of view goes.", brain=brain, fit=fit)
+
+
+def _surface_on_brain(head: sitk.Image, brain: Brain, in_view: sitk.Image) -> float:
+    """Share of ``head``'s surface voxels (inside the field of view, ``PART_INSET_MM`` from its edge) that lie
+    within ``SURFACE_ON_BRAIN_MM`` of the brain's surface."""
+    inner = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(in_view, insideIsPositive=True, squaredDistance=False,
+                                                               useImageSpacing=True)) >= PART_INSET_MM
+    solid = sitk.GetArrayFromImage(head) > 0
+    eroded = sitk.GetArrayFromImage(sitk.BinaryErode(head, [1, 1, 1])) > 0
+    surface = solid & ~eroded & inner
+    if not surface.any():
+        return 0.0
+    dist = sitk.GetArrayFromImage(sitk.Resample(brain.distance_mm(), head, sitk.Transform(), sitk.sitkLinear, 1e4,
+                                                sitk.sitkFloat32))
+    return float((np.abs(dist[surface]) <= SURFACE_ON_BRAIN_MM).mean())
 
 
 def _brain_only(image: sitk.Image, coarse: sitk.Image, head: sitk.Image, brain: Brain, atlas: idm.Atlas,
@@ -220,13 +257,18 @@ def _brain_likeness(atlas: idm.Atlas, coarse: sitk.Image, head: sitk.Image) -> t
     start.SetCenter(centre.tolist())
     start.SetTranslation((atlas_centre - centre).tolist())
     start.SetScale(float(np.clip((atlas_ml / max(ml, 1.0)) ** (1.0 / 3.0), *idm.START_SCALE)))
-    subject_to_atlas = idm.register_masks(fixed, moving, start, 100)
+    with idm.one_thread():  # the same volume, the same answer
+        subject_to_atlas = idm.register_masks(fixed, moving, start, 100)
     warped = sitk.Resample(atlas.brain_image, head, subject_to_atlas, sitk.sitkNearestNeighbor, 0)
     a = sitk.GetArrayViewFromImage(warped) > 0
     b = sitk.GetArrayViewFromImage(head) > 0
     dice = float(2.0 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1))
     template_brain = sitk.Mask(atlas.template, atlas.brain_image)
-    nmi = _fitted_nmi(template_brain, coarse, subject_to_atlas.GetInverse(), head)
+    # inside the foreground only (``BRAIN_NMI_INSET_MM`` from its edge): the edge's partial volume follows the
+    # fitted brain's edge even in a uniform ball, so only the pattern inside (grey, white matter, CSF) counts
+    inner = sitk.Cast(sitk.SignedMaurerDistanceMap(head, insideIsPositive=True, squaredDistance=False,
+                                                   useImageSpacing=True) >= BRAIN_NMI_INSET_MM, sitk.sitkUInt8)
+    nmi = _fitted_nmi(template_brain, coarse, subject_to_atlas.GetInverse(), inner)
     return dice, nmi
 
 
@@ -271,9 +313,22 @@ def _brain_agreement(atlas_brain: sitk.Image, brain: Brain, coarse: sitk.Image, 
 
 def _parts_in_view(atlas: idm.Atlas, fit: idm.Fit, head: sitk.Image, in_view: sitk.Image) -> dict:
     """The atlas's face parts (nose, lips, brows, chin) and ear parts placed on this head: how many ml fall
-    inside the field of view, and what share of those is tissue here. Placed by the whole-head fit where
-    there is one (it follows the face), else by the cranium fit."""
-    transform = fit.whole_head if fit.whole_head is not None else fit.transform
+    inside the field of view, and what share of those is tissue here (``face_present_share``: placed by the
+    whole-head fit where there is one, which follows the face; ``face_present_share_cranium_fit``: placed by
+    the cranium fit, which a cut-away face cannot pull in as it pulls the outline fit into the cut, with
+    ``CRANIUM_FIT_TOLERANCE_MM`` for its error on a face's proportions)."""
+    out = _parts_placed(atlas, fit.whole_head if fit.whole_head is not None else fit.transform, head, in_view,
+                        PART_TOLERANCE_MM)
+    cranium = _parts_placed(atlas, fit.transform, head, in_view, CRANIUM_FIT_TOLERANCE_MM)
+    out["face_present_share_cranium_fit"] = cranium["face_present_share"]
+    out["lower_face_present_share_cranium_fit"] = cranium["lower_face_present_share"]
+    return out
+
+
+def _parts_placed(atlas: idm.Atlas, transform: sitk.Transform, head: sitk.Image, in_view: sitk.Image,
+                  tolerance_mm: float) -> dict:
+    """``_parts_in_view`` with the parts placed by ``transform`` (template -> subject points), present within
+    ``tolerance_mm`` of tissue."""
     features = atlas.features
     idx = np.argwhere(sitk.GetArrayViewFromImage(features) > 0)[:, ::-1]
     template_pts = np.array([features.TransformIndexToPhysicalPoint([int(v) for v in p]) for p in idx])
@@ -283,7 +338,7 @@ def _parts_in_view(atlas: idm.Atlas, fit: idm.Fit, head: sitk.Image, in_view: si
     view = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(in_view, insideIsPositive=True, squaredDistance=False,
                                                               useImageSpacing=True)) >= PART_INSET_MM
     tissue = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(head, insideIsPositive=False, squaredDistance=False,
-                                                                useImageSpacing=True)) <= PART_TOLERANCE_MM
+                                                                useImageSpacing=True)) <= tolerance_mm
     cont = np.array([head.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in subject_pts])
     ijk = np.rint(cont).astype(int)[:, ::-1]  # numpy (z, y, x)
     on_grid = np.all((ijk >= 0) & (ijk < np.array(view.shape)), axis=1)
@@ -293,8 +348,11 @@ def _parts_in_view(atlas: idm.Atlas, fit: idm.Fit, head: sitk.Image, in_view: si
     present[on_grid] = tissue[tuple(ijk[on_grid].T)]
     voxel_ml = float(np.prod(features.GetSpacing())) / 1000.0 * abs(np.linalg.det(
         np.array(transform.GetMatrix()).reshape(3, 3)))
+    # the lower face (nose, lips, chin: below the brows), which every defacing tool cuts away
+    z = template_pts[:, 2]
+    lower = ~ears & (z < np.quantile(z[~ears], LOWER_FACE_QUANTILE)) if (~ears).any() else ~ears
     out = {}
-    for name, part in (("face", ~ears), ("ears", ears)):
+    for name, part in (("face", ~ears), ("ears", ears), ("lower_face", lower)):
         in_view_n = int((seen & part).sum())
         out[f"{name}_in_view_ml"] = round(in_view_n * voxel_ml, 2)
         out[f"{name}_present_share"] = round(float((seen & part & present).sum()) / in_view_n, 4) if in_view_n else 0.0

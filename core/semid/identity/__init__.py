@@ -27,8 +27,11 @@ analytic zone definitions and the ranking).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +169,25 @@ class Fit:
     dice: float
     coverage: float
     whole_head: sitk.AffineTransform | None = None
+
+
+_ONE_THREAD = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """ITK filters and registrations on one thread while inside: the same volume then always gets the same
+    fit. With several threads ITK's metrics sum their parts in a varying order, and the fits of one volume
+    differed in the fourth decimal, enough to move voxels of the drawn face. (SimpleITK's per-registration
+    thread count does not reach the metric's own threads, so the global default is set; a lock keeps two
+    threads of one process from restoring it under each other.)"""
+    with _ONE_THREAD:
+        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def register_masks(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
@@ -331,6 +353,11 @@ def fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Ima
         ``Fit``: ``transform`` the cranium fit (a similarity, template -> subject points), ``whole_head`` the
         affine fit over everything in view, ``dice`` the head-mask overlap inside the field of view.
     """
+    with one_thread():
+        return _fit_atlas(atlas, head, brain, image, fov)
+
+
+def _fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Image, fov: sitk.Image) -> Fit:
     fixed = coarse_copy(image, MI_SPACING_MM)
     moving = atlas.template_coarse
     near = sitk.Cast(sitk.Resample(head, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
