@@ -603,6 +603,14 @@ class Deidentifier:
             face_region = sitk.GetArrayFromImage(sitk.Resample(atlas.score, roi, face_fit, sitk.sitkNearestNeighbor,
                                                                0.0, sitk.sitkFloat32)) > 0.02
             face_region &= ~brain
+            # the atlas brain as the whole-head fit places it, with the atlas's brain margin: the region keeps off
+            # it too (the two fits place the brain up to a centimetre apart at the skull base)
+            whole_brain = None
+            if fit.whole_head is not None:
+                whole_brain = sitk.GetArrayFromImage(sitk.Resample(atlas.brain, roi, face_fit,
+                                                                   sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+                whole_brain = ranking.distance_near(whole_brain, roi.GetSpacing(), idm.BRAIN_MARGIN_MM) \
+                    < idm.BRAIN_MARGIN_MM
             if self.identity != "atlas":
                 learned = self._learned_identity(image, roi, sl, modality, score, region, face_region, brain,
                                                  head_roi)
@@ -619,9 +627,12 @@ class Deidentifier:
             if image_keep_out is not None:
                 identity_record["region_voxels_kept_off_image_brain"] = int((region & image_keep_out).sum())
                 region &= ~image_keep_out
+            if whole_brain is not None:
+                region &= ~whole_brain
             # the atlas brain is registered, so it can sit a little off the subject's; the network's brain
             # is the subject's own: B_p keeps off both (the keep-out does not depend on p, so B_p stays nested)
-            identity_record["brain_keep_out"] = f"registered atlas brain (+{idm.BRAIN_MARGIN_MM:g} mm)"
+            identity_record["brain_keep_out"] = (f"registered atlas brain (+{idm.BRAIN_MARGIN_MM:g} mm"
+                                                 + (", placed by both fits)" if whole_brain is not None else ")"))
             if image_keep_out is not None:
                 identity_record["brain_keep_out"] = (f"brain found in the image (+{IMAGE_BRAIN_MARGIN_MM:g} mm), "
                                                      + identity_record["brain_keep_out"])
