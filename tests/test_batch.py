@@ -245,3 +245,33 @@ def test_bad_input_is_one_sentence(archive, tmp_path, case) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("semid: error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert not (src / "out").exists()
+
+
+def test_summary_counts_volumes_passed_through(sample_head, tmp_path) -> None:
+    """A skull-stripped volume is written unchanged and counted apart from the de-identified head."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from semid.brain import find_brain
+    from semid.intensities import read_values
+    from semid.triage import coarse_copy
+
+    head = sitk.ReadImage(str(sample_head))
+    arr = sitk.GetArrayFromImage(head)
+    brain = find_brain(head, read_values(coarse_copy(head), "MR")).on(head)
+    stripped = sitk.GetImageFromArray(np.where(brain, arr, 0).astype(arr.dtype))
+    stripped.CopyInformation(head)
+    (tmp_path / "src").mkdir()
+    sitk.WriteImage(head, str(tmp_path / "src" / "head.nii.gz"))
+    sitk.WriteImage(stripped, str(tmp_path / "src" / "brain.nii.gz"))
+    proc = subprocess.run([sys.executable, "-m", "semid.cli", "batch", str(tmp_path / "src"), str(tmp_path / "out"),
+                           "--workers", "1", "-q"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SEMID_KEY": "k" * 32})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-500:]
+    assert "volumes: 1 de-identified (0 already defaced), 1 passed through unchanged" in proc.stdout, proc.stdout
+    assert "Skull-stripped" in proc.stdout  # the reason, on the study's line
+    outputs = sorted((tmp_path / "out").rglob("*.nii.gz"))
+    assert len(outputs) == 2
+    want = sitk.GetArrayFromImage(stripped)
+    kept = [o for o in outputs if np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(o))), want)]
+    assert len(kept) == 1

@@ -99,7 +99,7 @@ def bad_inputs(tmp_path) -> dict[str, Path]:
     ("4d", "one 3D head volume"),
     ("constant", "empty or constant"),
     ("empty", "empty or constant"),
-    ("no_head", "No face found"),
+    ("no_head", "No head found"),
 ])
 def test_bad_input_is_one_sentence_and_leaves_nothing(bad_inputs, tmp_path, case, phrase):
     bad_inputs["text"].write_text("this is not an image")

@@ -130,6 +130,52 @@ def test_same_key_same_uids_other_key_other_uids(canary, tmp_path):
     assert not (uids(tmp_path / "other") & first)
 
 
+def test_volume_series_are_deidentified_passed_through_or_quarantined(sample_head, tmp_path):
+    """A head series is de-identified; a skull-stripped one is written with its pixels unchanged and counted
+    as passed through; a volume series that is no head is quarantined with its reason (never written as if
+    it were de-identified) and the CLI ends with exit 3, unless told to keep its pixels."""
+    head = read_volume(sample_head)
+    head.SetMetaData(MODALITY_KEY, "MR")
+    write_volume(head, tmp_path / "in" / "head")
+    arr = sitk.GetArrayFromImage(head)
+    from semid.brain import find_brain
+    from semid.intensities import read_values
+    from semid.triage import coarse_copy
+
+    brain = find_brain(head, read_values(coarse_copy(head), "MR")).on(head)
+    stripped = sitk.GetImageFromArray(np.where(brain, arr, 0).astype(arr.dtype))
+    stripped.CopyInformation(head)
+    stripped.SetMetaData(MODALITY_KEY, "MR")
+    write_volume(stripped, tmp_path / "in" / "stripped")
+    zz, yy, xx = np.mgrid[:60, :60, :60]
+    ball = sitk.GetImageFromArray((((zz - 30) ** 2 + (yy - 30) ** 2 + (xx - 30) ** 2 < 26**2) * 300).astype(np.int16))
+    ball.SetSpacing((3.0, 3.0, 3.0))
+    ball.SetMetaData(MODALITY_KEY, "MR")
+    write_volume(ball, tmp_path / "in" / "ball")
+
+    report = deidentify_tree(tmp_path / "in", tmp_path / "out", "high", key=KEY)
+    assert (report.image_series_deidentified, report.image_series_passed_through,
+            report.image_series_quarantined) == (1, 1, 1), (report.image_series_passed, report.image_series_problems)
+    assert report.image_series_passed[0]["class"] == "skull-stripped"
+    problem = report.image_series_problems[0]
+    assert problem["outcome"] == "quarantined" and "No head found" in problem["reason"] and problem["files"] == 60
+    assert sum(1 for _ in (tmp_path / "out").rglob("*.dcm")) == head.GetSize()[2] + stripped.GetSize()[2]
+    # the stripped series' pixels are as they were
+    out_series = [p for p in (tmp_path / "out").rglob("*") if p.is_dir() and any(p.glob("*.dcm"))]
+    unchanged = [d for d in out_series if np.array_equal(sitk.GetArrayFromImage(read_volume(d)),
+                                                          sitk.GetArrayFromImage(stripped))]
+    assert len(unchanged) == 1
+
+    env = {**os.environ, "SEMID_KEY": "k" * 32}
+    cli = [sys.executable, "-m", "semid.cli", "deidentify-dicom", str(tmp_path / "in")]
+    proc = subprocess.run(cli + [str(tmp_path / "cli"), "-q"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-500:]
+    kept = subprocess.run(cli + [str(tmp_path / "kept"), "--keep-undeidentified-pixels"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert kept.returncode == 3 and "written with its pixels unchanged" in kept.stdout, kept.stdout[-800:]
+    assert sum(1 for _ in (tmp_path / "kept").rglob("*.dcm")) == sum(1 for _ in (tmp_path / "cli").rglob("*.dcm")) + 60
+
+
 def test_options_change_what_is_kept(tmp_path):
     corpus_dir = tmp_path / "in"
     make_corpus(corpus_dir, patients=1, series_per_patient=1, slices=1)
@@ -202,7 +248,8 @@ def test_a_killed_run_leaves_no_partial_file(tmp_path):
     make_corpus(tmp_path / "in", patients=2, series_per_patient=2, slices=25)
     env = {"SEMID_KEY": "k" * 32, "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen([sys.executable, "-m", "semid.cli", "deidentify-dicom", str(tmp_path / "in"),
-                             str(tmp_path / "out"), "-q"], env=env, start_new_session=True)
+                             str(tmp_path / "out"), "-q", "--keep-undeidentified-pixels"],  # the corpus has no heads
+                            env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "out").rglob("*.dcm")):
         time.sleep(0.02)

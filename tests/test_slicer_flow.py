@@ -307,7 +307,7 @@ def test_errors_from_the_real_server(flow_server, sample_head, tmp_path) -> None
     _run(job)
     assert job.progress().phase == FAILED and isinstance(job.error, BadRequestError)
     _one_sentence(str(job.error))
-    assert "found in the volume" in str(job.error) and "head CT and MR" in str(job.error), str(job.error)
+    assert "No head found" in str(job.error) and "head CT or MR" in str(job.error), str(job.error)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
