@@ -622,8 +622,10 @@ class Deidentifier:
             region = region | added
             # what is not scanned is not blocked (a face cut off by the field of view is not drawn back)
             region &= in_view
-            if defaced:  # the face was cut away: only tissue that remains is blocked, nothing is drawn in the air
-                region &= head_roi
+            if defaced:
+                # the face was cut away: what remains is blocked with the air just around it (so the plain fill can
+                # smooth an ear or the rim of the cut away), not the cut-away volume, where nothing is drawn
+                region &= ranking.distance_near(head_roi, roi.GetSpacing(), DEFACED_AIR_MM) <= DEFACED_AIR_MM
             if image_keep_out is not None:
                 identity_record["region_voxels_kept_off_image_brain"] = int((region & image_keep_out).sum())
                 region &= ~image_keep_out
@@ -803,6 +805,10 @@ class Deidentifier:
 #: true brain's). ``benchmarks/real_heads.py`` counts, per case, the voxels changed inside an independent
 #: brain mask (ROBEX, or the template's own mask).
 IMAGE_BRAIN_MARGIN_MM = 5.0
+
+
+#: Air (mm) around the remaining tissue of an already defaced head that its region keeps (``Deidentifier.run``).
+DEFACED_AIR_MM = 8.0
 
 
 def _in_view(triage: Triage | None, sl: tuple[slice, slice, slice], shape: tuple[int, ...]) -> np.ndarray:
