@@ -15,7 +15,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools<81" wheel
-	$(PY) -m pip install --quiet torch==2.13.0 -e ".[server,dev,peers]"
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[server,dev,peers,robustness]"
 	# attacker A1 (pyproject's `attack` group): exact pins with the resolver off, see the comment there
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation "mediapipe==0.10.14" "dlib-bin==20.0.1.post1" \
 		"face-recognition==1.3.0" "face-recognition-models==0.3.0"

@@ -54,6 +54,26 @@ def run_once(semid: str, src: Path, out: Path, level: str, fill: str) -> dict:
             "timings_s": rec["timings_s"]}
 
 
+PEER_CHILD = """
+import sys, radveil
+radveil.deface_auto(sys.argv[1], sys.argv[2])
+"""
+
+
+def run_peer(src: Path, out: Path) -> dict:
+    """One fresh process running RadVeil's ``deface_auto`` (its defaults) on the same file: wall seconds and
+    peak RSS (MB), measured as ``run_once`` measures SemID."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", PEER_CHILD, str(src), str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"radveil deface_auto failed: {proc.stderr.read().decode().strip()[-300:]}")
+    out.unlink(missing_ok=True)
+    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024.0}
+
+
 WARM_CHILD = """
 import json, resource, sys, time
 import SimpleITK as sitk
@@ -81,6 +101,12 @@ def run_warm(src: Path, level: str, fill: str, repeats: int) -> dict:
     return {"warm_s": statistics.median(out["times_s"]), "warm_peak_mb": out["peak_mb"]}
 
 
+def _radveil_version() -> str:
+    import radveil
+
+    return getattr(radveil, "__version__", "?")
+
+
 def resample_to_size(image, size: list[int]):  # noqa: ANN001, ANN201 - SimpleITK images
     """``image`` resampled (linear, 1 mm) onto a grid of ``size`` (x, y, z) voxels with the same centre and
     direction; voxels outside the source are 0."""
@@ -105,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="x,y,z voxels (1 mm) to resample the head onto, or 'native' (default 176,256,256)")
     parser.add_argument("--levels", default=",".join(LEVELS), help="comma-separated levels")
     parser.add_argument("--fills", default=",".join(FILLS), help="comma-separated fills")
+    parser.add_argument("--no-peer", dest="peer", action="store_false",
+                        help="leave out the RadVeil deface_auto row (the `peers` extra)")
     args = parser.parse_args(argv)
     from semid.data import data_file
     from semid.io import read_volume
@@ -132,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{level:>7} {fill:>8}: {rows[-1]['wall_s']:.2f} s wall, {rows[-1]['pipeline_s']:.2f} s "
                       f"pipeline, {rows[-1]['warm_s']:.2f} s warm, {rows[-1]['peak_mb']:.0f} MB", file=sys.stderr,
                       flush=True)
+        peer = None
+        if args.peer:
+            runs = [run_peer(src, Path(tmp) / "peer.nii.gz") for _ in range(args.repeats)]
+            peer = {"wall_s": statistics.median(r["wall_s"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs)}
+            rows.append({"level": "-", "fill": "radveil deface_auto", **peer})
+            print(f"radveil deface_auto: {peer['wall_s']:.2f} s wall, {peer['peak_mb']:.0f} MB", file=sys.stderr)
     size = "×".join(str(v) for v in image.GetSize())
     lines = [f"`semid deidentify` on the real T1w head ({size} voxels, "
              f"{'×'.join(f'{v:g}' for v in image.GetSpacing())} mm), median of {args.repeats} runs; "
@@ -145,10 +179,20 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     by = {(r["level"], r["fill"]): r for r in rows}
     for r in rows:
+        if r["fill"] == "radveil deface_auto":
+            continue
         ratio = r["wall_s"] / by.get((r["level"], "surface"), r)["wall_s"]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
         lines.append(f"| {r['level']} | {r['fill']} | {r['wall_s']:.2f} | {r['pipeline_s']:.2f} | {r['warm_s']:.2f} | "
                      f"{r['peak_mb']:.0f} | {r['warm_peak_mb']:.0f} | {ratio:.2f} | {stages} |")
+    if peer is not None:
+        lines += ["", f"Peer in the same run: RadVeil {_radveil_version()} `deface_auto` (its defaults), a fresh "
+                  "process on the same file, median of the same repeats.", "",
+                  "| tool | wall s (process) | peak MB (process) | SemID `--level max` (learned) / RadVeil (wall) |",
+                  "|---|---|---|---|"]
+        semid_max = by.get(("max", "learned"))
+        ratio = f"{semid_max['wall_s'] / peer['wall_s']:.2f}" if semid_max else "-"
+        lines.append(f"| radveil deface_auto | {peer['wall_s']:.2f} | {peer['peak_mb']:.0f} | {ratio} |")
     write_table(lines, rows, args.out)
     return 0
 

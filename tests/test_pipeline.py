@@ -259,7 +259,7 @@ def test_block_keeps_off_the_subjects_own_brain_when_the_atlas_fit_is_off():
 
     atlas_only, record = brain_in_block("atlas", without_image_brain)
     assert atlas_only > 1000, "the shifted fit should reach into the brain"
-    assert record["brain_keep_out"] == "registered atlas brain (+8 mm)"
+    assert record["brain_keep_out"].startswith("registered atlas brain (+8 mm")
     # (the phantom's brain label is the MNI brain placed on the base head by a fit; deepbet's brain is the
     # image's, so they differ at the edges: 2594 -> 295 measured)
     with_image_brain, record = brain_in_block("atlas", location)
