@@ -1,7 +1,7 @@
 """The real-head robustness suite (``semid.eval.real_heads``): each case gets its expected class and outcome,
 with no voxel changed inside the brain found in the image nor inside an independent brain (HD-BET or the
 template's own mask). The quick subset runs in ``make test``; the rest with
-``.venv/bin/python -m pytest -m realheads tests/test_real_heads.py`` (about 15 minutes on 2 CPUs).
+``.venv/bin/python -m pytest -m realheads tests/test_real_heads.py`` (about 10 minutes on 2 CPUs).
 """
 
 from __future__ import annotations
