@@ -83,8 +83,6 @@ PART_INSET_MM, PART_TOLERANCE_MM = 6.0, 4.0
 #: defaced (``semid.eval.real_heads``: quickshear 0.37, pydeface's mask 0.24, voxface's 0.00; whole, cropped,
 #: CT and average faces 0.79-0.97).
 LOWER_FACE_QUANTILE, MIN_LOWER_FACE_ML, LOWER_FACE_DEFACED_BELOW = 0.6, 5.0, 0.55
-#: The same tolerance for the parts placed by the cranium fit, which is not fitted to the face.
-CRANIUM_FIT_TOLERANCE_MM = 10.0
 
 
 @dataclass
@@ -169,7 +167,8 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
     evidence["non_brain_share"] = round(non_brain, 4)
     _lap(timings, "brain", since)
 
-    surface = _surface_on_brain(head, brain, fov.mask_on(image, coarse))
+    in_view = fov.mask_on(image, coarse)  # once: used by four checks
+    surface = _surface_on_brain(head, brain, in_view)
     evidence["surface_on_brain_share"] = round(surface, 4)
     if non_brain < STRIPPED_NON_BRAIN_SHARE and surface >= STRIPPED_SURFACE_SHARE:
         # no scalp, skull or skin outside the brain: a brain only?
@@ -177,10 +176,10 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
     # with scalp and skull around little brain (the top of a head, a face or sinus scan, or a CT whose brain
     # could not be enclosed) the fit decides, and its brain must agree with the image's (below)
 
-    fit = idm.fit_atlas(atlas, head, brain.mask, image, fov.mask_on(image, coarse))
+    fit = idm.fit_atlas(atlas, head, brain.mask, image, in_view)
     _lap(timings, "registration", since)
     nmi = _fitted_nmi(atlas.template, coarse, fit.transform, head)
-    agreement = _brain_agreement(atlas.brain_image, brain, coarse, fov.mask_on(image, coarse), fit.transform)
+    agreement = _brain_agreement(atlas.brain_image, brain, coarse, in_view, fit.transform)
     evidence.update(head_fit_dice=round(fit.dice, 4), template_nmi=round(nmi, 4),
                     brain_agreement_dice=round(agreement, 4))
     if fit.dice < MIN_HEAD_DICE or nmi < MIN_HEAD_NMI:
@@ -194,7 +193,7 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
                                    f"{MIN_BRAIN_AGREEMENT:.2f}); SemID does not guess where the brain is: check "
                                    "the volume (orientation, contrast) or de-identify it another way.",
                        brain=brain, fit=fit)
-    parts = _parts_in_view(atlas, fit, head, fov.mask_on(image, coarse))
+    parts = _parts_in_view(atlas, fit, head, in_view)
     evidence["identity_parts"] = parts
     fit.coverage = parts["face_present_share"] if parts["face_in_view_ml"] else parts["ears_present_share"]
     _lap(timings, "triage", since)
@@ -312,23 +311,10 @@ def _brain_agreement(atlas_brain: sitk.Image, brain: Brain, coarse: sitk.Image, 
 
 
 def _parts_in_view(atlas: idm.Atlas, fit: idm.Fit, head: sitk.Image, in_view: sitk.Image) -> dict:
-    """The atlas's face parts (nose, lips, brows, chin) and ear parts placed on this head: how many ml fall
-    inside the field of view, and what share of those is tissue here (``face_present_share``: placed by the
-    whole-head fit where there is one, which follows the face; ``face_present_share_cranium_fit``: placed by
-    the cranium fit, which a cut-away face cannot pull in as it pulls the outline fit into the cut, with
-    ``CRANIUM_FIT_TOLERANCE_MM`` for its error on a face's proportions)."""
-    out = _parts_placed(atlas, fit.whole_head if fit.whole_head is not None else fit.transform, head, in_view,
-                        PART_TOLERANCE_MM)
-    cranium = _parts_placed(atlas, fit.transform, head, in_view, CRANIUM_FIT_TOLERANCE_MM)
-    out["face_present_share_cranium_fit"] = cranium["face_present_share"]
-    out["lower_face_present_share_cranium_fit"] = cranium["lower_face_present_share"]
-    return out
-
-
-def _parts_placed(atlas: idm.Atlas, transform: sitk.Transform, head: sitk.Image, in_view: sitk.Image,
-                  tolerance_mm: float) -> dict:
-    """``_parts_in_view`` with the parts placed by ``transform`` (template -> subject points), present within
-    ``tolerance_mm`` of tissue."""
+    """The atlas's face parts (nose, lips, brows, chin; the lower face: nose, lips, chin) and ear parts placed
+    on this head by the whole-head fit where there is one (it follows the face), else by the cranium fit: how
+    many ml fall inside the field of view, and what share of those is tissue here."""
+    transform = fit.whole_head if fit.whole_head is not None else fit.transform
     features = atlas.features
     idx = np.argwhere(sitk.GetArrayViewFromImage(features) > 0)[:, ::-1]
     template_pts = np.array([features.TransformIndexToPhysicalPoint([int(v) for v in p]) for p in idx])
@@ -338,7 +324,7 @@ def _parts_placed(atlas: idm.Atlas, transform: sitk.Transform, head: sitk.Image,
     view = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(in_view, insideIsPositive=True, squaredDistance=False,
                                                               useImageSpacing=True)) >= PART_INSET_MM
     tissue = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(head, insideIsPositive=False, squaredDistance=False,
-                                                                useImageSpacing=True)) <= tolerance_mm
+                                                                useImageSpacing=True)) <= PART_TOLERANCE_MM
     cont = np.array([head.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in subject_pts])
     ijk = np.rint(cont).astype(int)[:, ::-1]  # numpy (z, y, x)
     on_grid = np.all((ijk >= 0) & (ijk < np.array(view.shape)), axis=1)
