@@ -200,7 +200,8 @@ def cmd_deidentify_dicom(args: argparse.Namespace) -> int:
                  if report.image_series_written_undeidentified else ""))
         for item in report.image_series_passed + report.image_series_problems:
             outcome = item.get("outcome", "passed through")
-            print(f"  {outcome}: {item['files']} files from {item['first_file']}: {item['reason']}")
+            # input file names can carry identifiers: they stay in the report (outside OUT), not in the console
+            print(f"  {outcome}: a series of {item['files']} files (its first file is in the report): {item['reason']}")
         print(f"output: {out}\nreport: {report_path}")
     # a head series that could not be de-identified ends the run non-zero: an automation must look at it
     return 3 if problems else 0
