@@ -31,6 +31,14 @@ def test_round_trip_keeps_geometry_dtype_and_values(tmp_path, suffix):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
 
 
+def test_nifti_gz_is_the_same_bytes_every_time_and_leaves_no_temporary_file(tmp_path):
+    image = _oblique_image()
+    a = write_volume(image, tmp_path / "a" / "vol.nii.gz").read_bytes()
+    b = write_volume(image, tmp_path / "b" / "vol.nii.gz").read_bytes()
+    assert a[:2] == b"\x1f\x8b" and a == b  # gzip, with no time or temporary name in its header
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["vol.nii.gz"]
+
+
 def test_float_volume_keeps_float32(tmp_path):
     image = sitk.Cast(_oblique_image(), sitk.sitkFloat32) * 0.25
     back = read_volume(write_volume(image, tmp_path / "f.nrrd"))

@@ -128,14 +128,22 @@ class FieldOfView:
         """uint8 on ``reference``'s grid: 1 where the voxel centre lies in the box (``image`` is the volume
         the box belongs to; only its geometry is used)."""
         size = reference.GetSize()
-        idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in size[::-1]], indexing="ij"), -1)
-        points = (np.array(reference.GetOrigin()) + (idx[..., ::-1] * np.array(reference.GetSpacing()))
-                  @ np.array(reference.GetDirection()).reshape(3, 3).T)
+        # continuous index (x, y, z) in ``image`` of each voxel centre of ``reference``: an affine map of the
+        # reference's index, evaluated one reference slice at a time (a whole grid of float64 points is
+        # hundreds of MB on a 2 mm head)
         direction = np.array(image.GetDirection()).reshape(3, 3)
-        cont = ((points - np.array(image.GetOrigin())) @ direction) / np.array(image.GetSpacing())  # (x, y, z)
-        inside = np.ones(points.shape[:-1], bool)
-        for axis, (lo, hi) in zip((2, 1, 0), self.box, strict=True):
-            inside &= (cont[..., axis] >= lo - 0.5) & (cont[..., axis] <= hi - 0.5)
+        to_physical = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
+        linear = (direction.T @ to_physical) / np.array(image.GetSpacing())[:, None]  # ref (x,y,z) -> cont (x,y,z)
+        offset = (direction.T @ (np.array(reference.GetOrigin()) - np.array(image.GetOrigin()))) \
+            / np.array(image.GetSpacing())
+        yy, xx = np.meshgrid(np.arange(size[1], dtype=np.float64), np.arange(size[0], dtype=np.float64),
+                             indexing="ij")
+        plane = xx[..., None] * linear[:, 0] + yy[..., None] * linear[:, 1] + offset  # (y, x, 3)
+        inside = np.ones(size[::-1], bool)
+        for z in range(size[2]):
+            cont = plane + z * linear[:, 2]
+            for axis, (lo, hi) in zip((2, 1, 0), self.box, strict=True):
+                inside[z] &= (cont[..., axis] >= lo - 0.5) & (cont[..., axis] <= hi - 0.5)
         return array_image(inside, reference)
 
     def describe(self, image: sitk.Image) -> dict:

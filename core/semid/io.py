@@ -276,9 +276,33 @@ def write_volume(image: sitk.Image, path: str | Path, *, series_description: str
         raise InputError("Two-file outputs (.mhd, .nhdr) are not supported: write .mha, .nrrd or .nii.gz.")
     if suffix:
         with atomic_path(path) as tmp:
-            sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
+            if suffix == ".nii.gz":
+                _write_nifti_gz(image, tmp)
+            else:
+                sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
         return path
     return _write_dicom_series(image, path, series_description)
+
+
+#: gzip level of written .nii.gz files: ITK's NIfTI writer ignores the level it is given and compresses at
+#: zlib's default (6), a second on a 1 mm head; level 1 takes a third of that for a file about 9 % larger.
+NIFTI_GZIP_LEVEL = 1
+
+
+def _write_nifti_gz(image: sitk.Image, target: Path) -> None:
+    """``image`` as gzip-compressed NIfTI at ``target``: written uncompressed beside it, then gzipped."""
+    import gzip
+
+    fd, plain = tempfile.mkstemp(prefix=".semid-", suffix=".nii", dir=target.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, plain, useCompression=False)
+        # no name and no time in the gzip header: the same volume gives the same bytes
+        with open(plain, "rb") as src, open(target, "wb") as raw, \
+                gzip.GzipFile("", "wb", NIFTI_GZIP_LEVEL, raw, mtime=0) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    finally:
+        Path(plain).unlink(missing_ok=True)
 
 
 def _write_dicom_series(image: sitk.Image, folder: Path, series_description: str) -> Path:
