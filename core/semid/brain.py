@@ -27,6 +27,7 @@ trust it (its volume, its agreement with the atlas brain) is decided by ``semid.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +65,7 @@ class Brain:
     method: str
     volume_ml: float
     evidence: dict = field(default_factory=dict)
+    _distance: sitk.Image | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def spacing_mm(self) -> float:
@@ -79,15 +81,21 @@ class Brain:
         ITK measures from voxel centres (0 on the brain's outermost voxels, one spacing on the first voxels
         outside): half a spacing is taken off, so that 0 lies on the surface between them.
         """
-        dist = sitk.SignedMaurerDistanceMap(self.mask, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=True)
-        return sitk.Cast(dist - 0.5 * self.spacing_mm, sitk.sitkFloat32)
+        if self._distance is None:  # made once: the triage and the run ask for it several times
+            dist = sitk.SignedMaurerDistanceMap(self.mask, insideIsPositive=False, squaredDistance=False,
+                                                useImageSpacing=True)
+            self._distance = sitk.Cast(dist - 0.5 * self.spacing_mm, sitk.sitkFloat32)
+        return self._distance
 
     def on(self, reference: sitk.Image, margin_mm: float = 0.0) -> np.ndarray:
         """Bool (z, y, x) on ``reference``'s grid: within ``margin_mm`` of the brain (0: the brain itself)."""
+        return self.within(reference, (margin_mm,))[0]
+
+    def within(self, reference: sitk.Image, margins_mm: Sequence[float]) -> list[np.ndarray]:
+        """``on`` for several margins, from one resampling of the distance."""
         dist = sitk.Resample(self.distance_mm(), reference, sitk.Transform(), sitk.sitkLinear, 1e4,
                              sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(sitk.Less(dist, float(margin_mm))).view(bool)
+        return [sitk.GetArrayFromImage(sitk.Less(dist, float(m))).view(bool) for m in margins_mm]
 
 
 def find_brain(image: sitk.Image, values: Values) -> Brain:

@@ -593,9 +593,9 @@ class Deidentifier:
             head_roi = _head_in_roi(roi, location.threshold, location.head_coarse)
             # what the image itself says: its field of view and its brain (semid.triage, semid.brain)
             in_view = _in_view(triage, sl, region.shape)
-            image_brain = triage.brain.on(roi) if triage is not None and triage.brain is not None else None
-            image_keep_out = (triage.brain.on(roi, IMAGE_BRAIN_MARGIN_MM)
-                              if triage is not None and triage.brain is not None else None)
+            image_brain = image_keep_out = None
+            if triage is not None and triage.brain is not None:
+                image_brain, image_keep_out = triage.brain.within(roi, (0.0, IMAGE_BRAIN_MARGIN_MM))
             # the atlas's region itself (no margin) placed by the whole-head fit, which follows the face where
             # the cranium fit deliberately does not: the network is checked against it, and it joins the
             # region (ranked last), so B_1 still covers the face where the cranium fit sits off it

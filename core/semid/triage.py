@@ -159,9 +159,8 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
         return verdict(NOT_A_HEAD, f"No head found: the foreground is {head_ml:.0f} ml, less than any head "
                                    f"or brain ({MIN_HEAD_ML:.0f} ml); give a head CT or MR volume.")
     brain = find_brain(image, values)
-    brain_in_view = brain.on(coarse) & head_arr
-    brain_ml = float(brain_in_view.sum()) * voxel_ml
-    grown = brain.on(coarse, BRAIN_GROW_MM)
+    brain_on_coarse, grown = brain.within(coarse, (0.0, BRAIN_GROW_MM))
+    brain_ml = float((brain_on_coarse & head_arr).sum()) * voxel_ml
     non_brain = float((head_arr & ~grown).sum()) * voxel_ml / head_ml
     evidence["brain"] = {"method": brain.method, "volume_ml": round(brain_ml, 1), **brain.evidence}
     evidence["non_brain_share"] = round(non_brain, 4)

@@ -316,13 +316,20 @@ def centroid_mm(mask: sitk.Image) -> tuple[np.ndarray, float]:
 
 #: Iterations of the whole-head and the cranium intensity fits, and the share of the voxels they sample.
 MI_ITERATIONS, MI_SAMPLING = (150, 150), 0.3
+#: Shrink factors (of ``MI_SPACING_MM``) of the rough whole-head fit's levels: one coarse level, since the
+#: refined fit that follows runs at the full grid (``benchmarks/fit_settings.py``: against two levels, the
+#: fits move by well under a millimetre on the real-head cases, for about a second less).
+ROUGH_SHRINK = (2,)
+#: Shrink factors (of ``REGISTRATION_SPACING``) of the outline fit: two levels; with one, the whole-head fit
+#: moves by millimetres (``benchmarks/fit_settings.py``).
+OUTLINE_SHRINK = (2, 1)
 #: Iterations of the outline fit and the share of the voxels it samples (``benchmarks/pipeline_parts.py``:
 #: within 2 mm of 120 iterations on every voxel, in a sixth of the time).
 OUTLINE_ITERATIONS, OUTLINE_SAMPLING = 40, 0.25
 
 
 def _mutual_information(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, initial: sitk.Transform,
-                        iterations: int) -> sitk.AffineTransform:
+                        iterations: int, shrink: tuple[int, ...] = (2, 1)) -> sitk.AffineTransform:
     """Mattes mutual information registration (fixed points -> moving points) over ``mask``."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
@@ -332,8 +339,8 @@ def _mutual_information(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image,
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, iterations, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([f / 2.0 if f > 1 else 0.0 for f in shrink])
     reg.SetInitialTransform(initial, inPlace=False)
     return _as_affine(reg.Execute(fixed, moving))
 
@@ -375,7 +382,7 @@ def _fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Im
     start.SetTranslation((atlas_centre - subject_centre).tolist())
     if subject_ml > 0:
         start.SetScale(float(np.clip((atlas_ml / subject_ml) ** (1.0 / 3.0), *START_SCALE)))
-    rough = _mutual_information(fixed, moving, looked_at, start, MI_ITERATIONS[0])
+    rough = _mutual_information(fixed, moving, looked_at, start, MI_ITERATIONS[0], ROUGH_SHRINK)
     cranium = sitk.Cast(sitk.Resample(atlas.cranium, fixed, rough, sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
     refined = _mutual_information(fixed, moving, sitk.And(cranium, looked_at), _similarity_from(rough),
                                   MI_ITERATIONS[1])
@@ -386,14 +393,14 @@ def _fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Im
     outline_view = sitk.Cast(sitk.SignedMaurerDistanceMap(outline_view, insideIsPositive=True, squaredDistance=False,
                                                           useImageSpacing=True) >= OUTLINE_FOV_INSET_MM, sitk.sitkUInt8)
     whole = register_masks(outline, atlas.head_outline, sitk.AffineTransform(refined), OUTLINE_ITERATIONS,
-                           fixed_mask=outline_view, sampling=OUTLINE_SAMPLING)
+                           shrink=OUTLINE_SHRINK, fixed_mask=outline_view, sampling=OUTLINE_SAMPLING)
     whole_head = _as_affine(whole.GetInverse())
-    if _mean_departure_mm(whole_head, transform, atlas.features) > MAX_WHOLE_HEAD_DEPARTURE_MM:
+    if mean_departure_mm(whole_head, transform, atlas.features) > MAX_WHOLE_HEAD_DEPARTURE_MM:
         whole_head = None
     return Fit(transform, _head_dice_in_view(atlas.head, head, fov, transform), 0.0, whole_head)
 
 
-def _mean_departure_mm(a: sitk.Transform, b: sitk.Transform, where: sitk.Image) -> float:
+def mean_departure_mm(a: sitk.Transform, b: sitk.Transform, where: sitk.Image) -> float:
     """Mean distance (mm) between where ``a`` and ``b`` take the voxels of ``where`` (template grid)."""
     idx = np.argwhere(sitk.GetArrayViewFromImage(where) > 0)[::7, ::-1]
     if idx.size == 0:
