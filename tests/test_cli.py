@@ -119,6 +119,15 @@ def test_unknown_level(sample_head, tmp_path):
     _assert_clean_failure(proc, "out of range", tmp_path)
 
 
+@pytest.mark.parametrize("name", ["out.png", "out.mhd", "out.dcm.txt"])
+def test_output_name_that_is_not_a_volume_format_is_refused(sample_head, tmp_path, name):
+    # a .png output was once written as a folder of Secondary Capture DICOM files
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = semid("deidentify", str(sample_head), str(out / name))
+    _assert_clean_failure(proc, "not supported" if name.endswith(".mhd") else "not a volume format", out)
+
+
 def test_output_equal_to_input_is_refused(sample_head, tmp_path):
     copy = tmp_path / "head.nii.gz"
     copy.write_bytes(sample_head.read_bytes())

@@ -149,7 +149,12 @@ def mr_brain(image: sitk.Image) -> Brain:
     t = torch.from_numpy(np.ascontiguousarray(_deepbet_input(x).transpose(2, 1, 0)))[None, None]
     with torch.inference_mode():
         prob = net(t)[0, 1].numpy().transpose(2, 1, 0)
-    mask = _largest_filled(prob > BRAIN_PROBABILITY)
+    # the cube reaches past the volume (the top of a head fills a third of it): deepbet, shown air there,
+    # has been seen calling it brain; a brain is only where the volume was scanned
+    ones = sitk.Image(oriented.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(oriented)
+    scanned = sitk.GetArrayFromImage(sitk.Resample(ones, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+    mask = _largest_filled((prob > BRAIN_PROBABILITY) & scanned)
     voxel_ml = spacing**3 / 1000.0
     evidence = {"grid_mm": round(spacing, 3),
                 "mean_probability_inside": round(float(prob[mask].mean()), 4) if mask.any() else 0.0,

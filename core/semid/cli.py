@@ -51,10 +51,11 @@ def default_record_path(out: Path) -> Path:
 
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
-    from semid.io import check_output_path, read_volume, write_json, write_volume
+    from semid.io import check_output_path, read_volume, require_volume_output, write_json, write_volume
     from semid.pipeline import Deidentifier, make_fill, parse_level
 
     level = parse_level(args.level)
+    require_volume_output(args.output)
     if args.identity == "synthetic" and args.fill == "surface":
         raise InputError("--identity synthetic needs the learned fill: drop --fill surface (or --identity).")
     out = check_output_path(args.output, args.input)

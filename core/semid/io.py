@@ -171,6 +171,22 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
     )
 
 
+def require_volume_output(path: str | Path) -> None:
+    """Refuse an output name SemID would not write as a volume: a file suffix other than .nii.gz, .nii, .nrrd
+    or .mha (a name without one, or an existing folder, is a DICOM series folder).
+
+    Raises:
+        InputError: with one sentence.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix in (".mhd", ".nhdr"):  # header + separate raw file: cannot be renamed into place atomically
+        raise InputError("Two-file outputs (.mhd, .nhdr) are not supported: write .mha, .nrrd or .nii.gz.")
+    if not suffix and path.suffix and not path.is_dir():
+        raise InputError(f"The output name ends in {path.suffix!r}, which is not a volume format SemID writes: "
+                         "use .nii.gz, .nii, .nrrd or .mha, or a folder name without a suffix for DICOM.")
+
+
 def check_output_path(out_path: str | Path, in_path: str | Path | None = None) -> Path:
     """Validate an output path before any work is done; return it resolved.
 
@@ -271,9 +287,8 @@ def write_volume(image: sitk.Image, path: str | Path, *, series_description: str
         raise InputError(
             "The output folder cannot be created (read-only or permission denied): choose another place."
         ) from None
+    require_volume_output(path)
     suffix = volume_suffix(path)
-    if suffix in (".mhd", ".nhdr"):  # header + separate raw file: cannot be renamed into place atomically
-        raise InputError("Two-file outputs (.mhd, .nhdr) are not supported: write .mha, .nrrd or .nii.gz.")
     if suffix:
         with atomic_path(path) as tmp:
             if suffix == ".nii.gz":

@@ -176,12 +176,27 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
     # could not be enclosed) the fit decides, and its brain must agree with the image's (below)
 
     fit = idm.fit_atlas(atlas, head, brain.mask, image, in_view)
-    _lap(timings, "registration", since)
     nmi = _fitted_nmi(atlas.template, coarse, fit.transform, head)
     agreement = _brain_agreement(atlas.brain_image, brain, coarse, in_view, fit.transform)
+    cut = idm.cut_sides(head, in_view)
+    if not _fit_holds(fit, nmi, agreement) and cut:
+        # a head cut by the field of view (the top of a head alone) has its brain's centre far from the whole
+        # brain's: a second fit starts from the head's uncut edges, taken if it holds where the first did not
+        again = idm.fit_atlas(atlas, head, brain.mask, image, in_view,
+                              idm.start_from_uncut_edges(atlas.head, head, cut))
+        again_nmi = _fitted_nmi(atlas.template, coarse, again.transform, head)
+        again_agreement = _brain_agreement(atlas.brain_image, brain, coarse, in_view, again.transform)
+        evidence["second_fit"] = {"start": "the head's edges the field of view does not cut",
+                                  "head_fit_dice": round(again.dice, 4), "template_nmi": round(again_nmi, 4),
+                                  "brain_agreement_dice": round(again_agreement, 4),
+                                  "used": _fit_holds(again, again_nmi, again_agreement)
+                                  or (_head_fits(again, again_nmi) and not _head_fits(fit, nmi))}
+        if evidence["second_fit"]["used"]:
+            fit, nmi, agreement = again, again_nmi, again_agreement
+    _lap(timings, "registration", since)
     evidence.update(head_fit_dice=round(fit.dice, 4), template_nmi=round(nmi, 4),
                     brain_agreement_dice=round(agreement, 4))
-    if fit.dice < MIN_HEAD_DICE or nmi < MIN_HEAD_NMI:
+    if not _head_fits(fit, nmi):
         return verdict(NOT_A_HEAD, f"No head found: the average head fits this volume at Dice {fit.dice:.2f} "
                                    f"(needs {MIN_HEAD_DICE:.2f}) with mutual information {nmi:.3f} (needs "
                                    f"{MIN_HEAD_NMI:.3f}); give a head CT or MR volume, and check the orientation "
@@ -210,6 +225,16 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
                                 "cut) is de-identified.", brain=brain, fit=fit)
     return verdict(FACE, "A head with identity-bearing anatomy in view: de-identified as far as the field "
                          "of view goes.", brain=brain, fit=fit)
+
+
+def _head_fits(fit: idm.Fit, nmi: float) -> bool:
+    """Whether the fitted average head matches the volume (it is a head)."""
+    return fit.dice >= MIN_HEAD_DICE and nmi >= MIN_HEAD_NMI
+
+
+def _fit_holds(fit: idm.Fit, nmi: float, agreement: float) -> bool:
+    """Whether a fit passes the checks that make the volume a head with a brain found with confidence."""
+    return _head_fits(fit, nmi) and agreement >= MIN_BRAIN_AGREEMENT
 
 
 def _surface_on_brain(head: sitk.Image, brain: Brain, in_view: sitk.Image) -> float:

@@ -345,8 +345,54 @@ def _mutual_information(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image,
     return _as_affine(reg.Execute(fixed, moving))
 
 
+#: A head whose extreme along a world axis lies within this distance (mm) of the field of view's extreme on
+#: that side is cut by the field of view there (``start_from_uncut_edges``).
+CUT_BY_VIEW_MM = 6.0
+
+
+def _world_points(mask: sitk.Image) -> np.ndarray:
+    """World (LPS, mm) points of the voxels of a binary mask, (n, 3)."""
+    idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(np.float64)
+    direction = np.array(mask.GetDirection()).reshape(3, 3)
+    return np.array(mask.GetOrigin()) + (idx * np.array(mask.GetSpacing())) @ direction.T
+
+
+def cut_sides(mask: sitk.Image, fov: sitk.Image) -> list[tuple[int, int]]:
+    """The (world axis, side: -1 low / +1 high) on which ``mask`` reaches the field of view's edge."""
+    pts, view = _world_points(mask), _world_points(fov)
+    if not len(pts) or not len(view):
+        return []
+    sides = []
+    for axis in range(3):
+        if pts[:, axis].min() - view[:, axis].min() < CUT_BY_VIEW_MM:
+            sides.append((axis, -1))
+        if view[:, axis].max() - pts[:, axis].max() < CUT_BY_VIEW_MM:
+            sides.append((axis, +1))
+    return sides
+
+
+def start_from_uncut_edges(atlas_head: sitk.Image, head: sitk.Image,
+                           cut: list[tuple[int, int]]) -> sitk.Similarity3DTransform:
+    """A start (subject points -> template points, scale 1) for a head cut by the field of view: along each
+    world axis cut on one side, the head's other, uncut edge (the skin) goes onto the atlas head's; along the
+    others, the centres meet. The default start, brain centre on brain centre, leaves the fit far off on the
+    top of a head alone, whose brain's centre lies centimetres above the whole brain's."""
+    pts, ref = _world_points(head), _world_points(atlas_head)
+    subject, target = pts.mean(axis=0), ref.mean(axis=0)
+    for axis in range(3):
+        sides = {side for a, side in cut if a == axis}
+        if len(sides) == 1:
+            uncut = -next(iter(sides))
+            subject[axis] = pts[:, axis].max() if uncut > 0 else pts[:, axis].min()
+            target[axis] = ref[:, axis].max() if uncut > 0 else ref[:, axis].min()
+    start = sitk.Similarity3DTransform()
+    start.SetCenter(subject.tolist())
+    start.SetTranslation((target - subject).tolist())
+    return start
+
+
 def fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Image,
-              fov: sitk.Image) -> Fit:
+              fov: sitk.Image, start: sitk.Similarity3DTransform | None = None) -> Fit:
     """Fit the atlas to a subject by its intensities inside the field of view (module docstring).
 
     Args:
@@ -355,16 +401,19 @@ def fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Ima
         brain: the subject's brain mask found in its image (uint8, any grid; ``semid.brain``).
         image: the subject's volume (any orientation, spacing, MR weighting or CT).
         fov: uint8 mask (any grid) of where the subject's volume holds data (``grids.FieldOfView.mask_on``).
+        start: where the fit starts (subject points -> template points); default: the subject's brain centre
+            on the atlas brain's, scaled by their volumes.
 
     Returns:
         ``Fit``: ``transform`` the cranium fit (a similarity, template -> subject points), ``whole_head`` the
         affine fit over everything in view, ``dice`` the head-mask overlap inside the field of view.
     """
     with one_thread():
-        return _fit_atlas(atlas, head, brain, image, fov)
+        return _fit_atlas(atlas, head, brain, image, fov, start)
 
 
-def _fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Image, fov: sitk.Image) -> Fit:
+def _fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Image, fov: sitk.Image,
+               start: sitk.Similarity3DTransform | None) -> Fit:
     fixed = coarse_copy(image, MI_SPACING_MM)
     moving = atlas.template_coarse
     near = sitk.Cast(sitk.Resample(head, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
@@ -375,13 +424,14 @@ def _fit_atlas(atlas: Atlas, head: sitk.Image, brain: sitk.Image, image: sitk.Im
                                                      useImageSpacing=True) >= MI_FOV_INSET_MM, sitk.sitkUInt8)
     looked_at = sitk.And(near, in_view)
     # start: the subject's brain onto the atlas's (subject points -> template points)
-    subject_centre, subject_ml = centroid_mm(brain)
-    atlas_centre, atlas_ml = centroid_mm(atlas.brain_image)
-    start = sitk.Similarity3DTransform()
-    start.SetCenter(subject_centre.tolist())
-    start.SetTranslation((atlas_centre - subject_centre).tolist())
-    if subject_ml > 0:
-        start.SetScale(float(np.clip((atlas_ml / subject_ml) ** (1.0 / 3.0), *START_SCALE)))
+    if start is None:
+        subject_centre, subject_ml = centroid_mm(brain)
+        atlas_centre, atlas_ml = centroid_mm(atlas.brain_image)
+        start = sitk.Similarity3DTransform()
+        start.SetCenter(subject_centre.tolist())
+        start.SetTranslation((atlas_centre - subject_centre).tolist())
+        if subject_ml > 0:
+            start.SetScale(float(np.clip((atlas_ml / subject_ml) ** (1.0 / 3.0), *START_SCALE)))
     rough = _mutual_information(fixed, moving, looked_at, start, MI_ITERATIONS[0], ROUGH_SHRINK)
     cranium = sitk.Cast(sitk.Resample(atlas.cranium, fixed, rough, sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
     refined = _mutual_information(fixed, moving, sitk.And(cranium, looked_at), _similarity_from(rough),
