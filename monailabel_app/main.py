@@ -16,7 +16,9 @@ body accepted, larger ones get 413; default 1024), ``segcheck_threshold`` (the s
 threshold when a request names none; default 0.8), ``auto_score`` (``true`` lets MONAI Label re-run the
 ``reid_risk`` scoring at start-up and after training and active-learning requests; default ``false``:
 run it with ``POST /scoring/reid_risk``), ``dicom_proxy`` (``true`` serves MONAI Label's ``/proxy/dicom``
-routes, which pass any request through to the PACS and its identified originals; default ``false``: 403).
+routes, which pass any request through to the PACS and its identified originals; default ``false``: 403),
+``cors_origins`` (comma-separated origins of web applications allowed to call the server, e.g.
+``http://localhost:3000``; default none: a request from another origin gets 403).
 ``level`` is also the level of the ``reid_risk`` scoring method and of the ``highest_risk`` strategy;
 batch inference (``/batch/infer/deidentify``) stores its results under the label tag ``deid``
 (``lib/batch.py``). With ``--studies http://HOST:PORT/dicom-web`` (a DICOMweb server such as Orthanc),
@@ -82,6 +84,7 @@ class SemIDApp(MONAILabelApp):
         # anything else is set up, so a bad value stops the start-up with one sentence.
         security.install_log_scrubber()
         max_body = security.max_upload_bytes(conf)
+        origins = security.parse_origins(conf.get("cors_origins"))
         self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         # Must exist before super().__init__, which calls init_infers()/init_trainers().
         self.task_configs = select_task_configs(conf.get("models", "all"))
@@ -111,7 +114,7 @@ class SemIDApp(MONAILabelApp):
             logger.error(refusal)
             logging.shutdown()
             os._exit(2)
-        if security.install_request_guard(max_body, dicom_proxy):
+        if security.install_request_guard(max_body, dicom_proxy, origins):
             security.install_upload_tracking()
             security.log_bind_address()
 

@@ -28,6 +28,13 @@ TIMEOUT_S = 120
 #: Canary PHI: a patient name and id that must never reach the server log.
 CANARY_NAME = "Qzxwv^Canarya"
 CANARY_ID = "PID-7731-CANARY"
+#: The one web application the module's server lets call it (app conf ``cors_origins``).
+ALLOWED_ORIGIN = "http://viewer.example:3000"
+HOSTILE_ORIGIN = "http://evil.example"
+#: One route of every family MONAI Label serves.
+ROUTE_FAMILIES = ("/info/", "/infer/deidentify", "/datastore/?output=all", "/datastore/image?image=sample_head",
+                  "/batch/infer/deidentify", "/train/", "/scoring/", "/activelearning/first", "/model/",
+                  "/proxy/dicom/studies")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +46,8 @@ def server(sample_head: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     studies = root / "studies"
     studies.mkdir()
     shutil.copyfile(sample_head, studies / f"{SAMPLE_IMAGE_ID}.nii.gz")
-    conf = {"models": "deidentify,identity", "max_upload_mb": "1", "model_dir": str(root / "model")}
+    conf = {"models": "deidentify,identity", "max_upload_mb": "1", "model_dir": str(root / "model"),
+            "cors_origins": ALLOWED_ORIGIN}
     try:
         with monailabel_server(root, studies, conf) as srv:
             yield srv
@@ -260,3 +268,49 @@ def test_max_upload_mb_must_be_a_positive_number() -> None:
     for bad in ("0", "-3", "lots", "inf", "nan"):
         with pytest.raises(ValueError, match="max_upload_mb"):
             security.max_upload_bytes({"max_upload_mb": bad})
+
+
+def _cors_headers(response: requests.Response) -> dict[str, str]:
+    return {k.lower(): v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+
+
+@pytest.mark.parametrize("route", ROUTE_FAMILIES)
+def test_hostile_origin_gets_no_cors_grant_on_any_route(server, route) -> None:
+    """A web page on another site must not read from the server (it would read originals byte for byte)."""
+    for method, extra in (("GET", {}), ("POST", {}), ("OPTIONS", {"Access-Control-Request-Method": "GET"})):
+        response = requests.request(method, f"{server.url}{route}", timeout=30,
+                                    headers={"Origin": HOSTILE_ORIGIN, **extra})
+        assert not _cors_headers(response), (method, route, response.headers)
+        assert response.status_code == 403, (method, route, response.status_code)
+        assert "Cross-origin" in response.json()["detail"]
+
+
+def test_dns_rebinding_page_is_not_taken_for_the_server_itself(server) -> None:
+    # a site name pointed at 127.0.0.1 makes the browser send that name as both Host and Origin
+    port = server.url.rsplit(":", 1)[1]
+    response = requests.get(f"{server.url}/info/", timeout=30,
+                            headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
+    assert response.status_code == 403 and not _cors_headers(response)
+
+
+def test_origin_named_in_the_conf_gets_itself_back_without_credentials(server) -> None:
+    response = requests.get(f"{server.url}/info/", headers={"Origin": ALLOWED_ORIGIN}, timeout=30)
+    assert response.status_code == 200
+    cors = _cors_headers(response)
+    assert cors.get("access-control-allow-origin") == ALLOWED_ORIGIN
+    assert "access-control-allow-credentials" not in cors
+
+
+def test_no_origin_and_own_origin_are_served_without_cors_headers(server) -> None:
+    for headers in ({}, {"Origin": server.url}):
+        response = requests.get(f"{server.url}/info/", headers=headers, timeout=30)
+        assert response.status_code == 200 and not _cors_headers(response), response.headers
+
+
+def test_wildcard_origin_in_the_conf_is_refused() -> None:
+    security = _security_module()
+    assert security.parse_origins(" http://a.example:3000/, https://b.example ") == ("http://a.example:3000",
+                                                                                   "https://b.example")
+    for bad in ("*", "http://*.example", "evil.example", "http://a.example/path"):
+        with pytest.raises(ValueError, match="not an origin"):
+            security.parse_origins(bad)

@@ -28,6 +28,11 @@ be added then). ``SemIDApp.__init__`` therefore installs what follows on the run
 4. **No pass-through to the PACS**: MONAI Label's ``/proxy/dicom/...`` routes forward any request to the
    DICOMweb server behind the app (for OHIF), which would hand every client the original, identified
    studies; ``RequestGuard`` answers them 403 unless the app conf says ``dicom_proxy true``.
+6. **No cross-origin reads**: MONAI Label's CORS setting grants every origin (``*``, with credentials), so any
+   web page open in the user's browser could read originals from a server on loopback. ``RequestGuard``
+   answers 403 to a request whose ``Origin`` is neither the server's own nor named in the app conf
+   ``cors_origins`` (comma-separated, no wildcard), and strips MONAI Label's ``Access-Control-*`` headers
+   from every other answer; a named origin gets itself back, without credentials.
 5. **Bind address** (``default_bind_refusal``, ``log_bind_address``): MONAI Label binds 0.0.0.0 unless
    ``--host`` is given and keeps no host setting; the address is read from ``start_server``'s command line.
    With no ``--host`` the app stops before the socket is bound (SemID's default is loopback); an address
@@ -126,10 +131,12 @@ class RequestGuard:
             DICOMweb server behind the app, so every client could read the original, identified studies.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, dicom_proxy: bool = False) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, dicom_proxy: bool = False,
+                 allowed_origins: Sequence[str] = ()) -> None:
         self.app = app
         self.max_body_bytes = int(max_body_bytes)
         self.dicom_proxy = dicom_proxy
+        self.allowed_origins = frozenset(allowed_origins)
 
     @property
     def message(self) -> str:
@@ -141,6 +148,15 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        origin = _header(scope, b"origin")
+        if origin is not None and origin not in self.allowed_origins and origin != _own_origin(scope):
+            # a web page on another site (any tab of the user's browser) must not read patient volumes from a
+            # server on loopback: no CORS grant, and the request is not served at all (a browser sends Origin
+            # on every cross-site request; the Slicer module and curl send none)
+            await self._answer(send, 403, "Cross-origin requests are not served: this server answers the Slicer "
+                                          "module, scripts and its own pages; to let a web application call it, "
+                                          "start it with --conf cors_origins <that application's origin>.")
+            return
         if not self.dicom_proxy and scope.get("path", "").rstrip("/").split("/")[1:2] == ["proxy"]:
             await self._answer(send, 403, "This server does not pass requests through to the PACS behind it: "
                                           "ask for de-identified images through /infer, or start the server with "
@@ -148,7 +164,7 @@ class RequestGuard:
             return
         token = _REQUEST.set(RequestState())
         try:
-            await self._limited(scope, receive, send)
+            await self._limited(scope, receive, _cors_headers_for(origin, self.allowed_origins, send))
         finally:
             _REQUEST.reset(token)
 
@@ -200,6 +216,64 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": body})
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of request header ``name`` (lower case), or None."""
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _own_origin(scope: Scope) -> str | None:
+    """The origin the server itself is reached at (scheme and Host header): its own pages (/docs) send it.
+    Only for an address or ``localhost``: a page whose site name was pointed at 127.0.0.1 (DNS rebinding)
+    also sends its own site as both Host and Origin."""
+    host = _header(scope, b"host")
+    if not host:
+        return None
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        if name.lower() != "localhost":
+            return None
+    return f"{scope.get('scheme', 'http')}://{host}"
+
+
+def parse_origins(raw: str | None) -> tuple[str, ...]:
+    """App conf ``cors_origins``: comma-separated ``scheme://host[:port]`` origins (none by default).
+
+    Raises:
+        ValueError: a wildcard, or an entry that is not an origin (one sentence).
+    """
+    origins = tuple(o.strip().rstrip("/") for o in (raw or "").split(",") if o.strip())
+    for origin in origins:
+        if "*" in origin or not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"--conf cors_origins {origin[:40]!r} is not an origin: name each web application "
+                             "as scheme://host:port (no wildcard).")
+    return origins
+
+
+def _cors_headers_for(origin: str | None, allowed: frozenset[str], send: Send) -> Send:
+    """``send`` with MONAI Label's CORS answer made exact: an allowed origin gets itself back, never ``*``, and
+    no credentials (the server uses none); every other request (no Origin, or the server's own pages) gets no
+    ``Access-Control-*`` header at all (MONAI Label's default grants ``*`` with credentials)."""
+    async def exact(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", [])
+                       if not k.lower().startswith(b"access-control-allow-origin")
+                       and k.lower() != b"access-control-allow-credentials"]
+            if origin is not None and origin in allowed:
+                headers.append((b"access-control-allow-origin", origin.encode("latin-1")))
+                headers.append((b"vary", b"Origin"))
+            else:
+                headers = [(k, v) for k, v in headers if not k.lower().startswith(b"access-control-")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return exact
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", []):
         if name.lower() == b"content-length":
@@ -210,8 +284,9 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def install_request_guard(max_body_bytes: int, dicom_proxy: bool = False) -> bool:
-    """Wrap the running MONAI Label server's ASGI stack in ``RequestGuard`` (again: update its limit).
+def install_request_guard(max_body_bytes: int, dicom_proxy: bool = False,
+                          allowed_origins: Sequence[str] = ()) -> bool:
+    """Wrap the running MONAI Label server's ASGI stack in ``RequestGuard`` (again: update its settings).
 
     Returns False when this process is no server (e.g. MONAI Label's training subprocess).
     """
@@ -223,13 +298,14 @@ def install_request_guard(max_body_bytes: int, dicom_proxy: bool = False) -> boo
     if isinstance(stack, RequestGuard):
         stack.max_body_bytes = int(max_body_bytes)
         stack.dicom_proxy = dicom_proxy
+        stack.allowed_origins = frozenset(allowed_origins)
     elif stack is not None:
         # Starlette calls app.middleware_stack for every request; it is built (at the lifespan start-up
         # that creates this app) and no longer rebuilt, so replacing it wraps every later request
-        app.middleware_stack = RequestGuard(stack, max_body_bytes, dicom_proxy)
+        app.middleware_stack = RequestGuard(stack, max_body_bytes, dicom_proxy, allowed_origins)
     else:  # not started yet: wrap the stack when Starlette builds it
         build = app.build_middleware_stack
-        app.build_middleware_stack = lambda: RequestGuard(build(), max_body_bytes, dicom_proxy)
+        app.build_middleware_stack = lambda: RequestGuard(build(), max_body_bytes, dicom_proxy, allowed_origins)
     return True
 
 
