@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,15 @@ def _infer(server: MonaiLabelServer, model: str, query: dict[str, Any], params: 
                          timeout=TIMEOUT_S, **kwargs)
 
 
-def _uploads_left(server: MonaiLabelServer) -> set[str]:
-    return {p.name for p in server.tmp_dir.iterdir() if p.name.startswith("tmp")}
+def _uploads_left(server: MonaiLabelServer, expected: set[str] | None = None) -> set[str]:
+    """Every file under the server's temporary folder (uploads, results, records); with ``expected``, waited
+    for a few seconds to become that (the server cleans up just after it has answered)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        left = {str(p.relative_to(server.tmp_dir)) for p in server.tmp_dir.rglob("*") if p.is_file()}
+        if expected is None or left == expected or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def _infer_models(server: MonaiLabelServer) -> list[str]:
@@ -104,7 +112,7 @@ def test_oversized_upload_is_413_and_not_stored(server, sample_head, endpoint) -
                           data={"params": "{}"}, timeout=TIMEOUT_S)
     detail = _one_sentence_4xx(response, 413)
     assert "1 MB" in detail and "max_upload_mb" in detail
-    assert _uploads_left(server) == before, "the refused upload was written to the server's temporary folder"
+    assert _uploads_left(server, before) == before, "the refused upload was written to the server's temporary folder"
     datastore = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()
     assert "big001" not in datastore["objects"]
 
@@ -127,6 +135,29 @@ def test_upload_under_the_limit_is_served(server, tiny_volume) -> None:
                           files={"file": ("tiny.nii.gz", f)})
     assert response.status_code == 200, response.text[:300]
     assert response.json()["level"] == 0.0
+
+
+def test_uploads_live_in_a_private_folder_and_nothing_is_left_after_any_outcome(server, tiny_volume,
+                                                                                 tmp_path) -> None:
+    folders = [p for p in server.tmp_dir.iterdir() if p.name.startswith("semid-uploads-")]
+    assert len(folders) == 1 and (folders[0].stat().st_mode & 0o777) == 0o700
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b this is not a volume")
+    noise = tmp_path / "noise.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(3).normal(size=(48, 48, 48)).astype(np.float32)),
+                    str(noise))
+    before = _uploads_left(server)
+    for upload, params, status in ((corrupt, {}, 422), (noise, {}, 422), (tiny_volume, {"level": "off"}, 200),
+                                   (tiny_volume, {"level": "extreme"}, 422)):
+        with open(upload, "rb") as f:
+            response = _infer(server, "deidentify", {"output": "json"}, params, files={"file": ("x.nii.gz", f)})
+        assert response.status_code == status, (upload.name, params, response.text[:300])
+        left = _uploads_left(server, before)
+        assert left == before, (upload.name, params, left - before)
+    with open(tiny_volume, "rb") as f:  # a label upload refused by the datastore
+        requests.put(f"{server.url}/datastore/label", params={"image": "no-such-image", "tag": "final"},
+                     files={"label": ("l.nii.gz", f)}, timeout=30)
+    assert _uploads_left(server, before) == before
 
 
 # ---------------------------------------------------------------------------- images outside the datastore

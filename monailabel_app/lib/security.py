@@ -42,6 +42,7 @@ be added then). ``SemIDApp.__init__`` therefore installs what follows on the run
 from __future__ import annotations
 
 import ast
+import contextlib
 import contextvars
 import functools
 import ipaddress
@@ -50,6 +51,7 @@ import linecache
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import traceback
@@ -162,11 +164,13 @@ class RequestGuard:
                                           "ask for de-identified images through /infer, or start the server with "
                                           "--conf dicom_proxy true.")
             return
-        token = _REQUEST.set(RequestState())
+        state = RequestState()
+        token = _REQUEST.set(state)
         try:
             await self._limited(scope, receive, _cors_headers_for(origin, self.allowed_origins, send))
         finally:
             _REQUEST.reset(token)
+            remove_uploads(state)  # after the answer and its background tasks, whatever the outcome
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.max_body_bytes
@@ -333,32 +337,59 @@ def safe_suffix(suffix: str) -> str:
     return "".join("." + t for t in reversed(kept))
 
 
+@dataclass(frozen=True)
+class _Named:
+    name: str
+
+
 class _UploadTempfile:
-    """Stands in for the ``tempfile`` module inside MONAI Label's upload endpoints."""
+    """Stands in for the ``tempfile`` module inside MONAI Label's upload endpoints.
+
+    MONAI Label takes only the ``name`` of a ``NamedTemporaryFile`` (the file itself is deleted when the object
+    is dropped) and opens that name again, so the upload landed in the shared temporary folder with the
+    process's umask (0644). Here the name is of a file made (0600) in this server's private folder (0700) and
+    kept, so the upload is written into it; ``RequestGuard`` removes the request's uploads when it ends,
+    whatever its outcome (MONAI Label removes them only after a successful answer).
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
 
     def __getattr__(self, name: str) -> Any:
         return getattr(tempfile, name)
 
-    def NamedTemporaryFile(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - the name MONAI Label calls
-        if kwargs.get("suffix"):
-            kwargs["suffix"] = safe_suffix(kwargs["suffix"])
-        handle = tempfile.NamedTemporaryFile(*args, **kwargs)
+    def NamedTemporaryFile(self, *args: Any, suffix: str | None = None, **kwargs: Any) -> Any:  # noqa: N802, ARG002
+        fd, path = tempfile.mkstemp(suffix=safe_suffix(suffix) if suffix else "", prefix="upload-", dir=self.folder)
+        os.close(fd)
         state = current_request()
         if state is not None:
-            state.uploads.add(os.path.realpath(handle.name))
-        return handle
+            state.uploads.add(os.path.realpath(path))
+        return _Named(path)
 
 
 def install_upload_tracking() -> int:
-    """Give MONAI Label's upload endpoints the recording ``NamedTemporaryFile``; returns how many modules."""
+    """Give MONAI Label's upload endpoints the recording ``NamedTemporaryFile`` (uploads in a private folder
+    made now, 0700, under the temporary folder); returns how many modules."""
+    folder = None
     count = 0
     for name in _UPLOAD_MODULES:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "tempfile", None) is not None:
             if not isinstance(module.tempfile, _UploadTempfile):
-                module.tempfile = _UploadTempfile()
+                folder = folder or tempfile.mkdtemp(prefix="semid-uploads-")
+                module.tempfile = _UploadTempfile(folder)
             count += 1
     return count
+
+
+def remove_uploads(state: RequestState) -> None:
+    """Remove what is left of one request's uploads (files or folders)."""
+    for path in state.uploads:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 # ------------------------------------------------------------------------------------------ image check
