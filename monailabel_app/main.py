@@ -44,6 +44,7 @@ from lib.activelearning import HighestRisk
 from lib.batch import DeidentifyBatchInfer
 from lib.configs import TASK_CONFIGS
 from lib.datastore import create_dicomweb_datastore
+from lib.infers.common import check_params
 from lib.infers.deidentify import DEFAULT_LEVEL
 from lib.scoring import ReidRiskScoring
 from monailabel.config import settings
@@ -125,6 +126,9 @@ class SemIDApp(MONAILabelApp):
         sessions = self.sessions()
         roots = [getattr(store, "_datastore_path", None), sessions.store_path if sessions else None]
         security.check_request_images(request, roots)
+        task = self._infers.get(request.get("model", ""))
+        if task is not None:
+            check_params(request, getattr(task, "params", frozenset()))
         if request.get("model") == "deidentify" and request.get("save_label"):
             # MONAI Label saves an infer result under the request's tag (default `original`): a
             # de-identified volume must never stand in for a model's or a person's label.

@@ -345,3 +345,33 @@ def test_wildcard_origin_in_the_conf_is_refused() -> None:
     for bad in ("*", "http://*.example", "evil.example", "http://a.example/path"):
         with pytest.raises(ValueError, match="not an origin"):
             security.parse_origins(bad)
+
+
+# ------------------------------------------------------------------------------------------- parameters
+
+
+def test_json_body_parameters_are_honoured_like_the_params_field(server) -> None:
+    url = f"{server.url}/infer/deidentify"
+    query = {"image": server.image_id, "output": "json"}
+    as_json = requests.post(url, params=query, json={"level": "off"}, timeout=TIMEOUT_S)
+    assert as_json.status_code == 200, as_json.text[:300]
+    assert as_json.json()["level"] == 0.0  # (the task's default is high)
+    bad = requests.post(url, params=query, json={"level": "extreme"}, timeout=TIMEOUT_S)
+    assert "Unknown privacy level" in _one_sentence_4xx(bad, 422)
+    not_object = requests.post(url, params=query, data="[1, 2]", headers={"Content-Type": "application/json"},
+                               timeout=TIMEOUT_S)
+    assert "not a JSON object" in _one_sentence_4xx(not_object, 422)
+    other = requests.post(url, params=query, data="level=off", headers={"Content-Type": "text/plain"},
+                          timeout=TIMEOUT_S)
+    _one_sentence_4xx(other, 415)
+
+
+@pytest.mark.parametrize("body", ["json", "form"])
+def test_unknown_parameter_is_refused_not_ignored(server, body) -> None:
+    query = {"image": server.image_id, "output": "json"}
+    kwargs = ({"json": {"levle": "off"}} if body == "json" else {"data": {"params": json.dumps({"levle": "off"})}})
+    response = requests.post(f"{server.url}/infer/deidentify", params=query, timeout=TIMEOUT_S, **kwargs)
+    detail = _one_sentence_4xx(response, 422)
+    assert "Unknown parameter 'levle'" in detail and "level" in detail
+    response = requests.post(f"{server.url}/infer/identity", params=query, json={"level": "high"}, timeout=TIMEOUT_S)
+    assert "no parameters" in _one_sentence_4xx(response, 422)

@@ -55,6 +55,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +165,17 @@ class RequestGuard:
                                           "ask for de-identified images through /infer, or start the server with "
                                           "--conf dicom_proxy true.")
             return
+        if scope.get("method") == "POST" and scope.get("path", "").startswith("/infer/"):
+            media = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if media == "application/json":
+                scope, receive = await self._json_as_form(scope, receive, send)
+                if scope is None:
+                    return
+            elif media and media not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                await self._answer(send, 415, f"An infer request's body is {media[:60]!r}: send the parameters as "
+                                              "a JSON object (application/json) or as the multipart field "
+                                              "'params' next to an uploaded file.")
+                return
         state = RequestState()
         token = _REQUEST.set(state)
         try:
@@ -171,6 +183,42 @@ class RequestGuard:
         finally:
             _REQUEST.reset(token)
             remove_uploads(state)  # after the answer and its background tasks, whatever the outcome
+
+    async def _json_as_form(self, scope: Scope, receive: Receive, send: Send) -> tuple[Scope | None, Receive]:
+        """An infer request with a JSON body, as the form MONAI Label's ``/infer`` reads (its parameters only
+        come from the form field ``params``: a JSON body was ignored and the task ran with its defaults).
+        Returns (None, receive) when it has answered the request itself (too large, not a JSON object)."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await self._refuse(send)
+                return None, receive
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        try:
+            params = json.loads(body or b"{}")
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            await self._answer(send, 422, "The request's JSON body is not a JSON object of parameters: send for "
+                                          "example {\"level\": \"high\"}.")
+            return None, receive
+        form = urllib.parse.urlencode({"params": json.dumps(params)}).encode()
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/x-www-form-urlencoded"),
+                    (b"content-length", str(len(form)).encode())]
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()  # (the disconnect, once the app waits for it)
+            sent = True
+            return {"type": "http.request", "body": form, "more_body": False}
+
+        return {**scope, "headers": headers}, replay
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.max_body_bytes

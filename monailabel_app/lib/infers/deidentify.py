@@ -34,6 +34,9 @@ DEFAULT_LEVEL = "high"
 class DeidentifyInfer(InferTask):
     """Block the face and ears at the requested privacy level and fill the blocked region."""
 
+    #: The request parameters this task reads (``common.check_params`` refuses any other).
+    params: frozenset[str] = frozenset({"level"})
+
     def __init__(self, default_level: str | float = DEFAULT_LEVEL, model_dir: str | None = None) -> None:
         # Fail at server start, not at the first request, when the configured default is bad.
         parse_level(default_level)

@@ -116,6 +116,9 @@ def deidentify_header(ds: Dataset, profile: Profile) -> dict[str, Any]:
 class DicomHeaderInfer(InferTask):
     """De-identify one uploaded DICOM header with the project's profile and the server's pseudonym key."""
 
+    #: The request parameters this task reads (``common.check_params`` refuses any other): none.
+    params: frozenset[str] = frozenset()
+
     def __init__(self, key: ps.Key | None = None, options: Options | None = None,
                  max_mb: float = DEFAULT_MAX_HEADER_MB) -> None:
         if key is None:

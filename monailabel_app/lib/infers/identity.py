@@ -38,6 +38,9 @@ IDENTITY_LABELS = {"identity": 1}
 class IdentityInfer(InferTask):
     """Segment the identity region (face soft tissue, nose, lips, eyes, ears) of a head CT/MR."""
 
+    #: The request parameters this task reads (``common.check_params`` refuses any other): none.
+    params: frozenset[str] = frozenset()
+
     def __init__(self, model_dir: str | Path | None = None) -> None:
         self.model_dir = model_dir
         super().__init__(

@@ -62,6 +62,9 @@ def _datastore_image_path(image_id: Any) -> str:
 class SegcheckInfer(InferTask):
     """Segment the original and the de-identified volume; return the latter's labels and the Dice check."""
 
+    #: The request parameters this task reads (``common.check_params`` refuses any other).
+    params: frozenset[str] = frozenset({"deidentified", "threshold", "classes", "level"})
+
     def __init__(self, default_level: str | float = DEFAULT_LEVEL, default_threshold: float = DEFAULT_THRESHOLD,
                  model_dir: str | Path | None = None) -> None:
         # Fail at server start, not at the first request, when the configured defaults are bad.
