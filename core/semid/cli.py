@@ -1,4 +1,4 @@
-"""The ``semid`` command line: deidentify, deidentify-dicom, batch, render, info, bench, train, data.
+"""The ``semid`` command line: deidentify, deidentify-dicom, batch, render, info, serve, bench, train, data.
 
 Bad input ends with one sentence on stderr and exit code 2; an unexpected failure with one sentence
 and exit code 1 (the traceback only with ``SEMID_DEBUG=1``). Outputs are written to temporary names
@@ -289,6 +289,15 @@ TRAINABLE = {"reid": "semid.eval.attack_reid", "segmentation": "semid.eval.utili
              "identity": "semid.identity.network", "decoupler": "semid.semantics.decoupling"}
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from semid.serve import serve
+
+    conf = [tuple(pair) for pair in args.conf or []]
+    if args.models:
+        conf.append(("models", args.models))
+    return serve(args.studies, host=args.host, port=args.port, conf=conf, app=args.app)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
@@ -399,6 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the model's trainer (see `semid train MODEL "
                                                            "--help`)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="start the MONAI Label server with SemID's app (this environment's Python, "
+                                     "loopback by default, private temporary folder); prints its URL and tasks")
+    p.add_argument("studies", help="folder of volumes, or a DICOMweb URL (http://HOST:PORT/dicom-web)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                       "only; the server has no authentication of its own)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--models", help="comma-separated tasks (default: all): deidentify, identity, segcheck, "
+                                    "dicomheader")
+    p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="an app setting (monailabel_app/main.py lists them), e.g. --conf level medium")
+    p.add_argument("--app", help="the MONAI Label app folder (default: the checkout's monailabel_app)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="fetch the public sample heads and build the atlas")
     p.add_argument("action", choices=["fetch"])
