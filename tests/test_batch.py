@@ -1,14 +1,16 @@
 """`semid batch` reliability on a small phantom archive with canary PHI (issue 8).
 
 One archive (2 DICOM studies and 2 NIfTI volumes of 2 mm phantom heads, PHI in headers, folder and file
-names, plus one study whose pixel data is truncated) is de-identified by `semid batch` run as a real
-subprocess in its own process group on a local Dask cluster (127.0.0.1):
+names, plus one study whose pixel data is truncated and one NIfTI volume with no head) is de-identified by
+`semid batch` run as a real subprocess in its own process group on a local Dask cluster (127.0.0.1):
 
 1. the batch is killed (SIGKILL to its process group, by id) at seeded random moments, several times;
    after every kill and resume the manifest and OUT agree, no partial file exists, nothing is duplicated;
 2. in the final resume a Dask worker process is killed mid-study (by the pid the manifest recorded);
    the run finishes and the study is redone;
-3. the corrupt study ends failed with its reason; the others are done exactly once;
+3. the corrupt study and the headless volume end failed with their reasons after one attempt (the input is
+   the problem: not retried, by this run or the next), and the operator's private failures list beside OUT
+   names their sources; the others are done exactly once;
 4. no canary is anywhere in OUT, in the manifest, or in anything the runs printed.
 """
 
@@ -25,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from dicom_studies import corrupt_study, head_study
@@ -49,10 +52,20 @@ def archive(tmp_path_factory) -> tuple[Path, dict]:
     for i in (2, 3):
         write_volume(pop.subject(i).visit(0, "MR").image, src / "nifti" / f"QXDOE_QXID47{i}_19610312.nii.gz")
     corrupt_study(src / "QXROE_QXID0815", file_prefix="QXROE_")  # PHI in file names too
+    noise = np.random.default_rng(5).normal(100.0, 20.0, size=(40, 48, 48)).astype(np.float32)  # no head at all
+    write_volume(_image(noise), src / "nifti" / "QXROE_QXID0816_noise.nii.gz")
     expected = {"dicom_instances": sum(1 for p in src.rglob("*") if p.is_file() and "QXROE" not in str(p)
                                        and not p.name.endswith(".nii.gz")),
-                "studies": 5, "good": 4}
+                "studies": 6, "good": 4}
     return root, expected
+
+
+def _image(arr):  # noqa: ANN001, ANN202 - numpy in, SimpleITK out
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((4.0, 4.0, 4.0))
+    return image
 
 
 def _start(src: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen:
@@ -204,13 +217,27 @@ def test_a_killed_worker_does_not_stop_the_run_and_its_study_is_redone(runs) -> 
     assert runs["returncode"] == 3  # finished (with the corrupt study failed), not crashed
 
 
-def test_corrupt_study_is_failed_with_its_reason(runs) -> None:
-    failed = [r for r in runs["rows"].values() if r["state"] == "failed"]
-    assert len(failed) == 1
-    assert failed[0]["kind"] == "dicom"
-    assert "truncated or corrupt" in failed[0]["reason"]
-    assert failed[0]["attempts"] >= 3  # tried 1 + --retries times
-    assert b"truncated or corrupt" in runs["log"]  # the summary lists it
+def test_corrupt_and_faceless_studies_fail_once_with_their_reasons_and_sources(archive, runs) -> None:
+    root, _ = archive
+    failed = {r["kind"]: r for r in runs["rows"].values() if r["state"] == "failed"}
+    assert sorted(failed) == ["dicom", "volume"]
+    assert "truncated or corrupt" in failed["dicom"]["reason"]
+    assert "No head found" in failed["volume"]["reason"]
+    # the input itself is the problem: not retried by the rerun (attempts here also count runs that were killed
+    # while the study ran; test_permanent_failure_is_tried_once counts them without kills)
+    for row in failed.values():
+        assert row["permanent"] == 1
+        assert runs["rerun_rows"][row["key"]]["attempts"] == row["attempts"]
+    assert b"truncated or corrupt" in runs["log"] and b"not retried" in runs["log"]  # the summary lists them
+    # the operator's list maps each failed key to its source; private, beside OUT, never inside it
+    listing = root / "out_qc" / "failures.tsv"
+    assert (listing.stat().st_mode & 0o777) == 0o600
+    lines = listing.read_text().splitlines()
+    assert lines[0].split("\t") == ["key", "attempts", "retried", "reason", "source"]
+    sources = {line.split("\t")[0]: line.split("\t")[4] for line in lines[1:]}
+    assert sources[failed["volume"]["key"]] == "nifti/QXROE_QXID0816_noise.nii.gz"
+    assert "QXROE_QXID0815" in sources[failed["dicom"]["key"]]
+    assert b"failures.tsv" in runs["log"]
 
 
 def test_no_canary_in_out_manifest_or_logs(archive, runs) -> None:
@@ -275,3 +302,21 @@ def test_summary_counts_volumes_passed_through(sample_head, tmp_path) -> None:
     want = sitk.GetArrayFromImage(stripped)
     kept = [o for o in outputs if np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(o))), want)]
     assert len(kept) == 1
+
+
+def test_permanent_failure_is_tried_once_and_never_again(tmp_path) -> None:
+    from semid.io import write_volume
+
+    (tmp_path / "src").mkdir()
+    noise = np.random.default_rng(5).normal(100.0, 20.0, size=(40, 48, 48)).astype(np.float32)
+    write_volume(_image(noise), tmp_path / "src" / "QXDOE_noise.nii.gz")
+    env = {**os.environ, "SEMID_KEY": KEY}
+    cmd = [*SEMID, "batch", str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1", "--retries", "2", "-q"]
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 3, proc.stdout + proc.stderr[-500:]
+        (row,) = _manifest(tmp_path / "out").values()
+        assert row["state"] == "failed" and row["attempts"] == 1 and row["permanent"] == 1
+    assert "not retried" in proc.stdout and "QXDOE" not in proc.stdout + proc.stderr
+    listing = (tmp_path / "out_qc" / "failures.tsv").read_text().splitlines()
+    assert listing[1].split("\t")[4] == "QXDOE_noise.nii.gz"

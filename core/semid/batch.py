@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from semid.dicom import pseudonyms as ps
-from semid.errors import InputError
+from semid.errors import InputError, TransientError
 
 MANIFEST_NAME = "semid_manifest.sqlite"
 STAGING_NAME = ".staging"
@@ -173,6 +173,9 @@ class Manifest:
                 id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL, finished REAL, workers TEXT,
                 studies INTEGER, done INTEGER, failed INTEGER, skipped INTEGER);
         """)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(studies)")}
+        if "permanent" not in columns:  # manifests begun before permanent failures were told apart
+            self.db.execute("ALTER TABLE studies ADD COLUMN permanent INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -212,8 +215,9 @@ class Manifest:
                  json.dumps(result.get("record", {})), key))
         else:
             self.db.execute("UPDATE studies SET state = 'failed', reason = ?, finished = ?, seconds = ?, "
-                            "attempts = MAX(attempts, 1) WHERE key = ?",
-                            (result.get("reason") or "failed", time.time(), result.get("seconds"), key))
+                            "attempts = MAX(attempts, 1), permanent = ? WHERE key = ?",
+                            (result.get("reason") or "failed", time.time(), result.get("seconds"),
+                             int(bool(result.get("permanent"))), key))
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -269,12 +273,13 @@ def process_study(study: Study, cfg: WorkerConfig, qc: bool = False) -> dict[str
         if study.kind == "volume":
             result = _volume_study(study, cfg, staging, qc)
         elif study.kind == "unreadable":
-            result = {"ok": False, "reason": f"none of its {study.size} files is readable DICOM or a volume "
-                                             "(truncated, corrupt or another format): repair or remove them."}
+            result = {"ok": False, "permanent": True,
+                      "reason": f"none of its {study.size} files is readable DICOM or a volume (truncated, corrupt "
+                                "or another format): repair or remove them."}
         else:
             result = _dicom_study(study, cfg, staging, qc)
-    except InputError as exc:
-        result = {"ok": False, "reason": str(exc)}
+    except InputError as exc:  # what the input is (not an image, no head): the same every time, not retried
+        result = {"ok": False, "reason": str(exc), "permanent": not isinstance(exc, TransientError)}
     except MemoryError:
         result = {"ok": False, "reason": "out of memory: give the workers more memory (or fewer threads)."}
     except Exception as exc:  # noqa: BLE001 - reported as one sentence, the traceback never leaves the worker
@@ -453,6 +458,8 @@ class BatchSummary:
     counts: Counter = field(default_factory=Counter)
     #: studies of this run with a series passed through or quarantined: key and reasons
     notes: list[dict[str, Any]] = field(default_factory=list)
+    #: the operator's list of failed studies with their sources (``write_failures_list``), "" when none failed
+    failures_list: str = ""
 
     def text(self) -> str:
         c = self.counts
@@ -466,8 +473,11 @@ class BatchSummary:
                  f"manifest: {self.manifest}"]
         if self.report:
             lines.append(f"QC report: {self.report}")
+        if self.failures_list:
+            lines.append(f"failed studies and their sources (for the operator only, outside OUT): {self.failures_list}")
         for f in self.failures:
-            lines.append(f"failed {f['key']} (attempts {f['attempts']}): {f['reason']}")
+            again = "not retried: the input itself is the problem" if f.get("permanent") else "retried by a rerun"
+            lines.append(f"failed {f['key']} (attempts {f['attempts']}; {again}): {f['reason']}")
         for n in self.notes:
             lines.append(f"{n['key']}: {n['note']}")
         return "\n".join(lines)
@@ -672,7 +682,8 @@ def _run_locked(opts: BatchOptions, level: float, key: ps.Key, studies: list[Stu
     rows = manifest.rows()
     max_attempts = 1 + opts.retries
     todo = [s for s in studies if rows[s.key]["state"] == "pending"
-            or (rows[s.key]["state"] == "failed" and rows[s.key]["attempts"] < max_attempts)]
+            or (rows[s.key]["state"] == "failed" and rows[s.key]["attempts"] < max_attempts
+                and not rows[s.key]["permanent"])]
     summary = BatchSummary(studies=len(studies), manifest=str(home / MANIFEST_NAME))
     summary.skipped = sum(1 for s in studies if rows[s.key]["state"] == "done")
     with_pictures = {r["key"] for r in rows.values() if r["state"] == "done"
@@ -692,8 +703,10 @@ def _run_locked(opts: BatchOptions, level: float, key: ps.Key, studies: list[Stu
         _execute(opts, todo, cfg, qc_keys, manifest, rows, max_attempts, summary)
     rows = manifest.rows()
     summary.failed = sum(1 for r in rows.values() if r["state"] == "failed")
-    summary.failures = [{"key": r["key"], "attempts": r["attempts"], "reason": r["reason"]}
-                        for r in rows.values() if r["state"] == "failed"]
+    summary.failures = [{"key": r["key"], "attempts": r["attempts"], "reason": r["reason"],
+                         "permanent": bool(r["permanent"])} for r in rows.values() if r["state"] == "failed"]
+    if summary.failures:
+        summary.failures_list = str(write_failures_list(summary.failures, studies, opts, report_dir))
     summary.elapsed_s = round(time.perf_counter() - started, 1)
     summary.studies_per_hour = round(3600.0 * summary.done / summary.elapsed_s, 1) if summary.elapsed_s else 0.0
     if opts.qc_sample > 0:
@@ -749,7 +762,7 @@ def _execute(opts: BatchOptions, todo: list[Study], cfg: WorkerConfig, qc_keys: 
                         if result.get("note"):
                             summary.notes.append({"key": study.key, "note": result["note"]})
                         progress.update(1, failed)
-                    elif attempts < max_attempts:
+                    elif attempts < max_attempts and not result.get("permanent"):
                         tries[study.key] += 1
                         pending.add(submit(study))  # retried now; the reason stays recorded until then
                     else:
@@ -757,6 +770,46 @@ def _execute(opts: BatchOptions, todo: list[Study], cfg: WorkerConfig, qc_keys: 
                         progress.update(1, failed)
     finally:
         progress.close()
+
+
+#: Name of the operator's failures list, in the report folder beside OUT (``write_failures_list``).
+FAILURES_NAME = "failures.tsv"
+
+
+def write_failures_list(failures: list[dict[str, Any]], studies: list[Study], opts: BatchOptions,
+                        report_dir: Path) -> Path:
+    """The operator's list of failed studies: key, attempts, retried or not, reason and *source* (the path
+    under SOURCE, or the DICOMweb study and series UIDs), tab-separated, in the report folder beside OUT with
+    mode 0600. Sources are PHI-prone (folder names, UIDs): this file is the one place they are written, never
+    OUT, the manifest, the summary or a log; it is rewritten at each run (only the studies failed now)."""
+    by_key = {s.key: s for s in studies}
+    root = None if _is_url(opts.source) else Path(opts.source)
+
+    def source(key: str) -> str:
+        study = by_key.get(key)
+        if study is None:
+            return "(no longer in SOURCE)"
+        if study.series:
+            return " ".join(f"study {st} series {se}" for st, se in study.series)
+        paths = [Path(f) for f in study.files]
+        rel = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
+        if study.kind == "volume" or len(rel) == 1:
+            return rel[0]
+        folders = sorted({str(Path(r).parent) for r in rel})
+        return f"{len(rel)} files in {', '.join(folders[:5])}" + (" ..." if len(folders) > 5 else "")
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    target = report_dir / FAILURES_NAME
+    lines = ["key\tattempts\tretried\treason\tsource"]
+    for f in failures:
+        cells = [f["key"], str(f["attempts"]), "no" if f.get("permanent") else "yes", f["reason"], source(f["key"])]
+        lines.append("\t".join(c.replace("\t", " ").replace("\n", " ") for c in cells))
+    tmp = target.with_name(f".{FAILURES_NAME}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, target)
+    return target
 
 
 def _result_of(fut: Any) -> dict[str, Any]:

@@ -7,3 +7,8 @@ class InputError(ValueError):
     Messages must not contain PHI (patient names, IDs, dates) or full paths of inputs that may
     carry PHI in their names; callers pass only what is needed to act.
     """
+
+
+class TransientError(InputError):
+    """An input problem that may pass by itself (a server down or busy): worth trying again later. Every other
+    ``InputError`` is about the input itself and gives the same answer every time."""

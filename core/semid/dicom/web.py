@@ -32,7 +32,7 @@ import pydicom
 import requests
 
 from semid.dicom.tree import pixel_data_complete
-from semid.errors import InputError
+from semid.errors import InputError, TransientError
 
 #: Modalities listed by default (one query each: Orthanc does not match multi-valued CS reliably).
 DEFAULT_MODALITIES = ("CT", "MR")
@@ -54,13 +54,13 @@ class DicomWebError(InputError):
     http_status = 502
 
 
-class ServerUnreachable(DicomWebError):
+class ServerUnreachable(DicomWebError, TransientError):
     """No answer: connection refused, name not resolved, or timed out."""
 
     http_status = 503
 
 
-class ServerError(DicomWebError):
+class ServerError(DicomWebError, TransientError):
     """The server answered with an HTTP error, or refused instances sent to it."""
 
     http_status = 502
