@@ -208,6 +208,8 @@ function(slicerMacroBuildScriptedModule)
   file(APPEND ${CMAKE_BINARY_DIR}/modules.txt "${M_NAME}:${M_SCRIPTS};${M_RESOURCES}\n")
 endfunction()
 function(slicer_add_python_unittest)
+  cmake_parse_arguments(T "" "SCRIPT" "" ${ARGN})
+  file(APPEND ${CMAKE_BINARY_DIR}/unittests.txt "${T_SCRIPT}\n")
 endfunction()
 """
 _STUB_GENERATE = r"""
@@ -233,7 +235,7 @@ def test_cmake_configures_against_a_stand_in_slicer(tmp_path: Path) -> None:
     (stub / "CPack.cmake").write_text("")
     build = tmp_path / "build"
     done = subprocess.run(
-        [cmake, "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={stub}", "-DBUILD_TESTING=OFF"],
+        [cmake, "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={stub}", "-DBUILD_TESTING=ON"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -242,3 +244,11 @@ def test_cmake_configures_against_a_stand_in_slicer(tmp_path: Path) -> None:
     assert (build / "extension.txt").read_text() == "SemID|Utilities|NA"
     modules = (build / "modules.txt").read_text().splitlines()
     assert len(modules) == 1 and modules[0].startswith("SemID:SemID.py;SemIDLib/__init__.py")
+    # SemIDTest is registered with the build's tests, as Slicer's extension template does
+    assert (build / "unittests.txt").read_text().split() == ["SemID.py"]
+
+
+def test_help_text_describes_this_version() -> None:
+    text = (MODULE_DIR / "SemID.py").read_text(encoding="utf-8")
+    help_text = text[text.index("self.parent.helpText"):text.index("self.parent.acknowledgementText")]
+    assert "featureless" not in help_text and "generator" in help_text and "semid serve" in help_text

@@ -75,10 +75,11 @@ class SemID(ScriptedLoadableModule):
         self.parent.contributors = ["SemID developers"]
         self.parent.helpText = """
 Removes the identity from a head CT or MRI while keeping its medical content: the face and ears are
-blocked at an adjustable privacy level and the blocked region is refilled (this version: with a
-featureless head surface; the brain and every voxel outside the blocked region are untouched).
-The work is done by a SemID MONAI Label server (start it with
-<code>monailabel start_server --app monailabel_app --studies DATA_FOLDER --host 127.0.0.1</code>).
+blocked at an adjustable privacy level and the blocked region is refilled by SemID's generator, which
+draws a face from identity-free features of a medical encoder, in the volume's own contrast. The brain (found in the image) and every voxel outside the blocked region are untouched. A head
+that is already defaced gets what remains smoothed; a skull-stripped brain, or a volume with no face part
+or ear in view, is returned unchanged with the reason. The work is done by a SemID MONAI Label server
+(start it with <code>semid serve DATA_FOLDER</code>).
 <ul>
 <li>Pick the input volume and the privacy level (off, low, medium, high, max, or any value 0-1); the
 line under the slider says what the level removes.</li>
@@ -711,6 +712,11 @@ class SemIDTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_unreachable_server_message()
+        if not os.environ.get("SEMID_SERVER_URL"):
+            # registered with every build's tests (BUILD_TESTING), where no server runs: say so, do not pretend
+            self.delayDisplay("SEMID_SERVER_URL is not set: the de-identification flow needs a running SemID server "
+                              "(semid serve DATA) and was not run.")
+            return
         self.setUp()
         self.test_deidentify_show_check_and_export()
         self.setUp()
