@@ -76,10 +76,11 @@ class SemID(ScriptedLoadableModule):
         self.parent.helpText = """
 Removes the identity from a head CT or MRI while keeping its medical content: the face and ears are
 blocked at an adjustable privacy level and the blocked region is refilled by SemID's generator, which
-draws a face from identity-free features of a medical encoder, in the volume's own contrast. The brain (found in the image) and every voxel outside the blocked region are untouched. A head
-that is already defaced gets what remains smoothed; a skull-stripped brain, or a volume with no face part
-or ear in view, is returned unchanged with the reason. The work is done by a SemID MONAI Label server
-(start it with <code>semid serve DATA_FOLDER</code>).
+draws a face from identity-free features of a medical encoder, in the volume's own contrast. The brain
+(found in the image) and every voxel outside the blocked region are untouched. A head that is already
+defaced gets what remains smoothed; a skull-stripped brain, or a volume with no face part or ear in view,
+is returned unchanged with the reason. The work is done by a SemID MONAI Label server (start it with
+<code>semid serve DATA_FOLDER</code>).
 <ul>
 <li>Pick the input volume and the privacy level (off, low, medium, high, max, or any value 0-1); the
 line under the slider says what the level removes.</li>
