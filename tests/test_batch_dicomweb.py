@@ -257,8 +257,13 @@ def test_corrupt_study_in_orthanc_is_failed_with_its_reason(pacs: Pacs, from_ort
     row = from_orthanc["rows"][key]
     assert row["state"] == "failed" and row["kind"] == "dicomweb"
     assert "damaged" in row["reason"] and row["reason"].endswith("."), row["reason"]
-    assert row["attempts"] == 3  # 1 + the default 2 retries
+    assert row["attempts"] == 1 and row["permanent"] == 1  # damaged on the server: the same every time
     assert f"failed {key}".encode() in from_orthanc["first"].stdout  # the summary lists it
+    # the operator's private list names the source study on the PACS (nothing else does)
+    listing = from_orthanc["out"].parent / "out_qc" / "failures.tsv"
+    assert (listing.stat().st_mode & 0o777) == 0o600
+    (line,) = [ln for ln in listing.read_text().splitlines() if ln.startswith(key)]
+    assert f"study {pacs.study_uids['corrupt']}" in line.split("\t")[4]
 
 
 def test_orthanc_source_rerun_is_a_no_op(from_orthanc) -> None:
