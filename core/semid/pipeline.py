@@ -343,12 +343,11 @@ class SurfaceFill:
     def __call__(self, ctx: FillContext) -> np.ndarray:
         rng = np.random.default_rng(ctx.seed)
         roi, head_roi, blocked, region = ctx.roi, ctx.head, ctx.blocked, ctx.region
-        values = ctx.roi_arr.astype(np.float32)
+        values = ctx.roi_arr  # (no float copy of the ROI: this runs at the run's memory peak)
         tissue_vals = values[region & head_roi]
         tissue = float(np.median(tissue_vals)) if tissue_vals.size else float(np.median(values[head_roi]))
         air_vals = _background(ctx)
-        air = rng.choice(air_vals, size=values.shape).astype(np.float32)
-        noise = air - float(np.median(air_vals))
+        air = rng.choice(air_vals, size=values.shape).astype(np.float32, copy=False)
 
         # the surface is worked out on cells (``skin_cells``) like ``join_skin``'s, which meets it
         grid, factors = skin_cells(roi)
@@ -360,10 +359,11 @@ class SurfaceFill:
         surface = weight * blank + (1.0 - weight) * person
         # a light smoothing removes the stair steps of the 2 mm atlas from the new skin
         surface = sitk.SmoothingRecursiveGaussian(surface, 1.5)
-        surface = sitk.GetArrayFromImage(sitk.Resample(surface, roi, sitk.Transform(), sitk.sitkLinear, 1e3,
-                                                       sitk.sitkFloat32))
-        fill = np.where(surface < 0.0, tissue + noise, air)
-        return _cast_like(fill, ctx.roi_arr.dtype)
+        inside = sitk.GetArrayFromImage(sitk.Resample(surface, roi, sitk.Transform(), sitk.sitkLinear, 1e3,
+                                                      sitk.sitkFloat32) < 0.0).view(bool)
+        # inside the new skin: soft tissue plus the person's own noise (air minus its median), outside: air
+        air[inside] += np.float32(tissue - float(np.median(air_vals)))
+        return _cast_like(air, ctx.roi_arr.dtype)
 
 
 #: Band (mm) inside a drawn fill, from where it meets ``SurfaceFill``'s (blocked voxels outside the face
