@@ -224,7 +224,7 @@ def test_corrupt_and_faceless_studies_fail_once_with_their_reasons_and_sources(a
     assert "truncated or corrupt" in failed["dicom"]["reason"]
     assert "No head found" in failed["volume"]["reason"]
     # the input itself is the problem: not retried by the rerun (attempts here also count runs that were killed
-    # while the study ran; test_permanent_failure_is_tried_once counts them without kills)
+    # while the study ran; tests/test_batch_dicomweb.py counts one attempt where nothing is killed)
     for row in failed.values():
         assert row["permanent"] == 1
         assert runs["rerun_rows"][row["key"]]["attempts"] == row["attempts"]
@@ -303,20 +303,3 @@ def test_summary_counts_volumes_passed_through(sample_head, tmp_path) -> None:
     kept = [o for o in outputs if np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(o))), want)]
     assert len(kept) == 1
 
-
-def test_permanent_failure_is_tried_once_and_never_again(tmp_path) -> None:
-    from semid.io import write_volume
-
-    (tmp_path / "src").mkdir()
-    noise = np.random.default_rng(5).normal(100.0, 20.0, size=(40, 48, 48)).astype(np.float32)
-    write_volume(_image(noise), tmp_path / "src" / "QXDOE_noise.nii.gz")
-    env = {**os.environ, "SEMID_KEY": KEY}
-    cmd = [*SEMID, "batch", str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1", "--retries", "2", "-q"]
-    for _ in range(2):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 3, proc.stdout + proc.stderr[-500:]
-        (row,) = _manifest(tmp_path / "out").values()
-        assert row["state"] == "failed" and row["attempts"] == 1 and row["permanent"] == 1
-    assert "not retried" in proc.stdout and "QXDOE" not in proc.stdout + proc.stderr
-    listing = (tmp_path / "out_qc" / "failures.tsv").read_text().splitlines()
-    assert listing[1].split("\t")[4] == "QXDOE_noise.nii.gz"
