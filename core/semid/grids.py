@@ -130,7 +130,7 @@ class FieldOfView:
         size = reference.GetSize()
         # continuous index (x, y, z) in ``image`` of each voxel centre of ``reference``: an affine map of the
         # reference's index, evaluated one reference slice at a time (a whole grid of float64 points is
-        # hundreds of MB on a 2 mm head)
+        # a large share of the run's memory on a 2 mm grid)
         direction = np.array(image.GetDirection()).reshape(3, 3)
         to_physical = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
         linear = (direction.T @ to_physical) / np.array(image.GetSpacing())[:, None]  # ref (x,y,z) -> cont (x,y,z)
