@@ -149,7 +149,7 @@ def mr_brain(image: sitk.Image) -> Brain:
     t = torch.from_numpy(np.ascontiguousarray(_deepbet_input(x).transpose(2, 1, 0)))[None, None]
     with torch.inference_mode():
         prob = net(t)[0, 1].numpy().transpose(2, 1, 0)
-    # the cube reaches past the volume (the top of a head fills a third of it): deepbet, shown air there,
+    # the cube reaches past the volume (the top of a head alone fills a small part of it): deepbet, shown air there,
     # has been seen calling it brain; a brain is only where the volume was scanned
     ones = sitk.Image(oriented.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(oriented)

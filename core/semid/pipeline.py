@@ -643,7 +643,7 @@ class Deidentifier:
                 identity_record["region_voxels_kept_off_network_brain"] = int((region & net_keep_out).sum())
                 region &= ~net_keep_out
             blocked = nested_block(score, region, self.level)
-            # what made B_p is not needed by the fill: freed before it (tens of MB at the run's peak, 1 mm heads)
+            # what made B_p is not needed by the fill: freed before it (the fill makes the run's memory peak)
             del score, face_region, whole_brain, in_view, image_keep_out, net_keep_out, added
             lap("identity_map")
             say("filling the blocked region")
