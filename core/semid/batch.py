@@ -707,6 +707,8 @@ def _run_locked(opts: BatchOptions, level: float, key: ps.Key, studies: list[Stu
                          "permanent": bool(r["permanent"])} for r in rows.values() if r["state"] == "failed"]
     if summary.failures:
         summary.failures_list = str(write_failures_list(summary.failures, studies, opts, report_dir))
+    else:  # a list left by an earlier run names sources that no longer failed
+        (report_dir / FAILURES_NAME).unlink(missing_ok=True)
     summary.elapsed_s = round(time.perf_counter() - started, 1)
     summary.studies_per_hour = round(3600.0 * summary.done / summary.elapsed_s, 1) if summary.elapsed_s else 0.0
     if opts.qc_sample > 0:

@@ -178,8 +178,8 @@ def assess(image: sitk.Image, atlas: idm.Atlas, declared_modality: str = "") -> 
     fit = idm.fit_atlas(atlas, head, brain.mask, image, in_view)
     nmi = _fitted_nmi(atlas.template, coarse, fit.transform, head)
     agreement = _brain_agreement(atlas.brain_image, brain, coarse, in_view, fit.transform)
-    cut = idm.cut_sides(head, in_view)
-    if not _fit_holds(fit, nmi, agreement) and cut:
+    cut = idm.cut_sides(head, in_view) if not _fit_holds(fit, nmi, agreement) else []  # (only when needed)
+    if cut:
         # a head cut by the field of view (the top of a head alone) has its brain's centre far from the whole
         # brain's: a second fit starts from the head's uncut edges, taken if it holds where the first did not
         again = idm.fit_atlas(atlas, head, brain.mask, image, in_view,

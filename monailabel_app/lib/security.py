@@ -28,20 +28,21 @@ be added then). ``SemIDApp.__init__`` therefore installs what follows on the run
 4. **No pass-through to the PACS**: MONAI Label's ``/proxy/dicom/...`` routes forward any request to the
    DICOMweb server behind the app (for OHIF), which would hand every client the original, identified
    studies; ``RequestGuard`` answers them 403 unless the app conf says ``dicom_proxy true``.
+5. **Bind address** (``default_bind_refusal``, ``log_bind_address``): MONAI Label binds 0.0.0.0 unless
+   ``--host`` is given and keeps no host setting; the address is read from ``start_server``'s command line.
+   With no ``--host`` the app stops before the socket is bound (SemID's default is loopback); an address
+   named on purpose is served, with a warning in the log when it is not a loopback address.
 6. **No cross-origin reads**: MONAI Label's CORS setting grants every origin (``*``, with credentials), so any
    web page open in the user's browser could read originals from a server on loopback. ``RequestGuard``
    answers 403 to a request whose ``Origin`` is neither the server's own nor named in the app conf
    ``cors_origins`` (comma-separated, no wildcard), and strips MONAI Label's ``Access-Control-*`` headers
    from every other answer; a named origin gets itself back, without credentials.
-5. **Bind address** (``default_bind_refusal``, ``log_bind_address``): MONAI Label binds 0.0.0.0 unless
-   ``--host`` is given and keeps no host setting; the address is read from ``start_server``'s command line.
-   With no ``--host`` the app stops before the socket is bound (SemID's default is loopback); an address
-   named on purpose is served, with a warning in the log when it is not a loopback address.
 """
 
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import contextvars
 import functools
@@ -188,6 +189,10 @@ class RequestGuard:
         """An infer request with a JSON body, as the form MONAI Label's ``/infer`` reads (its parameters only
         come from the form field ``params``: a JSON body was ignored and the task ran with its defaults).
         Returns (None, receive) when it has answered the request itself (too large, not a JSON object)."""
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._refuse(send)  # as for any body: refused before a byte of it is read
+            return None, receive
         body = bytearray()
         while True:
             message = await receive()
@@ -424,7 +429,9 @@ def install_upload_tracking() -> int:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "tempfile", None) is not None:
             if not isinstance(module.tempfile, _UploadTempfile):
-                folder = folder or tempfile.mkdtemp(prefix="semid-uploads-")
+                if folder is None:
+                    folder = tempfile.mkdtemp(prefix="semid-uploads-")
+                    atexit.register(shutil.rmtree, folder, True)  # the folder goes with the server
                 module.tempfile = _UploadTempfile(folder)
             count += 1
     return count
