@@ -74,7 +74,9 @@ class IntensityScale:
         return np.clip((np.asarray(raw, np.float32) - self.offset) / self.scale, 0.0, CLIP_MAX)
 
     def restore(self, normalised: np.ndarray) -> np.ndarray:
-        return np.asarray(normalised, np.float32) * self.scale + self.offset
+        raw = np.asarray(normalised, np.float32) * np.float32(self.scale)  # a new array: the add in place
+        raw += np.float32(self.offset)
+        return raw
 
 
 def intensity_scale(image: sitk.Image, modality: str) -> IntensityScale:

@@ -23,6 +23,22 @@ import SimpleITK as sitk
 RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
 
+def index_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Lowest and highest index (numpy axis order, inclusive) of the true voxels of ``mask``; None if none.
+
+    Three axis reductions rather than ``np.nonzero``: no index array of every true voxel is made (a
+    twentieth of the time on a 1 mm head's brain)."""
+    mask = np.asarray(mask, bool)
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if along.size == 0:
+            return None
+        lo.append(int(along[0]))
+        hi.append(int(along[-1]))
+    return np.array(lo), np.array(hi)
+
+
 def physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Low and high RAS corners (mm) of the box that holds every voxel of ``image`` (voxel edges included)."""
     size = image.GetSize()

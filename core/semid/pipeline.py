@@ -296,7 +296,8 @@ def _share_in_cells(mask: np.ndarray, ref: sitk.Image, factors: list[int]) -> np
 
 def _signed_mm(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
     """Signed distance (mm, negative inside) to ``mask`` on ``grid``, held within +-1 m (no mask: 1 m)."""
-    return np.clip(ranking.distance_near(mask, grid.GetSpacing(), 1e3), -1e3, 1e3)
+    distance = ranking.distance_near(mask, grid.GetSpacing(), 1e3)
+    return np.clip(distance, -1e3, 1e3, out=distance)  # in place: the map is a fresh array
 
 
 def skin_distance(tissue: np.ndarray, ref: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
@@ -834,7 +835,8 @@ def _require_not_constant(image: sitk.Image) -> None:
 def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        rounded = np.rint(values)  # one temporary, clipped in place (a 1 mm head's ROI is ~50 MB of float32)
+        return np.clip(rounded, info.min, info.max, out=rounded).astype(dtype)
     return values.astype(dtype)
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from semid.grids import index_box
+
 #: Default share of the region probability in ``s`` (the rest is saliency).
 WEIGHT = 0.5
 #: Probability above which a voxel is in the identity region.
@@ -200,12 +202,12 @@ def distance_near(mask: np.ndarray, spacing: Sequence[float], reach_mm: float) -
     """
     mask = np.asarray(mask, bool)
     out = np.full(mask.shape, np.inf, np.float32)
-    nz = np.nonzero(mask)
-    if nz[0].size == 0:
+    extent = index_box(mask)
+    if extent is None:
         return out
     grow = [int(np.ceil(reach_mm / float(s))) + 1 for s in spacing][::-1]  # (z, y, x)
-    box = tuple(slice(max(int(v.min()) - g, 0), min(int(v.max()) + g + 1, n))
-                for v, g, n in zip(nz, grow, mask.shape, strict=True))
+    box = tuple(slice(max(int(lo) - g, 0), min(int(hi) + g + 1, n))
+                for lo, hi, g, n in zip(*extent, grow, mask.shape, strict=True))
     # ITK's Maurer distance (multi-threaded) rather than scipy's EDT: the same distances (to 1e-5 mm),
     # 4x faster on a 1 mm head's identity box
     img = sitk.GetImageFromArray(mask[box].astype(np.uint8))
