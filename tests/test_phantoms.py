@@ -155,7 +155,7 @@ def test_visit_on_another_face_keeps_everything_but_the_face(population: ph.Popu
     subject = population.subject(0)
     plain = subject.visit(1, "MR")
     assert np.array_equal(_array(subject.visit(1, "MR", face=None).image), _array(plain.image))
-    face = ph.face_subject()
+    face = ph.face_subject(ph.default_face_code(), base=population.base_name)
     other = subject.visit(1, "MR", face=face)
     a, b = _array(plain.image).astype(np.float32), _array(other.image).astype(np.float32)
     la, lb = _array(plain.labels), _array(other.labels)
@@ -167,7 +167,7 @@ def test_visit_on_another_face_keeps_everything_but_the_face(population: ph.Popu
     assert np.abs(a - b)[la == ph.IDENTITY].mean() > 10.0
     deep = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.Equal(plain.labels, ph.BRAIN), [3, 3, 3])) > 0
     assert np.array_equal(a[deep], b[deep])
-    # the default face is nobody's: not the base head's (code 0) and not this subject's
+    # the generator's code of the default face is not the base head's (code 0) and not this subject's
     code = ph.default_face_code()
     assert code.shape == (len(ph.SHAPE_MODES),) and np.abs(code).max() <= 1.0
     assert np.linalg.norm(code) > 1.0
@@ -177,10 +177,18 @@ def test_visit_on_another_face_keeps_everything_but_the_face(population: ph.Popu
 
 
 
-def test_the_default_face_does_not_fold() -> None:
-    # the face every de-identified head shows: its identity field must not fold tissue over itself
-    # (unrelaxed, the default code's field folds down to -1.2: the lower lip hung over the chin as a ring)
+def test_the_default_face_is_the_population_average_undeformed() -> None:
+    # the face every de-identified head shows is the average head itself: no identity field at all
     face = ph.face_subject()
+    assert face.base.name == ph.DEFAULT_FACE_BASE == "average"
+    assert not np.any(face.displacement)
+    assert "population-average head" in ph.default_face_version()
+
+
+def test_a_coded_face_does_not_fold() -> None:
+    # a face drawn from a code (the generator's training targets): its identity field must not fold tissue
+    # over itself (unrelaxed, the default code's field folds down to -1.2: the lower lip hung over the chin)
+    face = ph.face_subject(ph.default_face_code(), base="small")
     assert ph.least_jacobian(face) >= ph.MIN_JACOBIAN
     raw = ph.Subject(face.base, 0, ph.DEFAULT_FACE_SEED, ph.IDENTITY_SCALE, shape=face.shape)
     assert ph.least_jacobian(raw) < 0.0

@@ -184,3 +184,6 @@ def build_samples(root: Path, log=print) -> None:
         write_volume(ct_from_mr(sitk.ReadImage(str(small))), ct)
         log(f"  samples/{ct.name}")
     stamp.write_text(json.dumps({"version": SAMPLES_VERSION}))
+    from semid.average_head import build_average_head
+
+    build_average_head(root, log=log)

@@ -223,10 +223,12 @@ def phantom_sample(seed: int, subject: int, visit: int, modality: str = "MR", sy
     pop = ph.Population(subject + 1, seed)
     person = pop.subject(subject)
     original = person.visit(visit, modality)
-    default_face = ph.face_subject()
+    # the targets are drawn on the person's own base (a visit is rendered on its base's grid): the default
+    # face's generator code and a synthetic code, each deforming that base
+    default_face = ph.face_subject(ph.default_face_code(), base=pop.base_name)
     rng = np.random.default_rng([seed, subject, visit, synthetic_seed, 77])
     synthetic_code = ph.shape_code(ph.draw_shape(rng))
-    synthetic_face = ph.face_subject(synthetic_code)
+    synthetic_face = ph.face_subject(synthetic_code, base=pop.base_name)
     on_default = person.visit(visit, modality, face=default_face)
     on_synthetic = person.visit(visit, modality, face=synthetic_face)
 

@@ -30,6 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from semid import identity as idm
+from semid.average_head import AVERAGE_HEAD
+from semid.average_head import VERSION as AVERAGE_HEAD_VERSION
 from semid.io import MODALITY_KEY
 
 
@@ -98,7 +100,10 @@ BASES: dict[str, tuple[str, float | None]] = {
     "small": ("samples/t1w_small.nii.gz", None),  # the real T1w head at 2 mm (default, fast)
     "full": ("heads/t1w_real.nii.gz", None),  # the real T1w head at 1 mm (~8x slower)
     "mean": ("templates/mean_head.nii.gz", 2.0),  # pydeface's average head, resampled to 2 mm
+    "average": (AVERAGE_HEAD, None),  # the population average of three average heads (semid.average_head)
 }
+#: The base of SemID's default face and of its synthetic identities: a population average, nobody's head.
+DEFAULT_FACE_BASE = "average"
 #: Identity deformation: largest displacement (mm), and the distance (mm) outside the identity region
 #: over which it fades to exactly zero. The atlas keeps the region 8 mm from the brain, so a 6 mm fade
 #: leaves the brain untouched.
@@ -669,30 +674,41 @@ class Population:
                     yield subject.visit(j, modality)
 
 
-#: Seed of SemID's default face: the face a de-identified head gets when no synthetic identity is
-#: asked for. Drawn once from the identity prior, like any phantom face; it is nobody's face (in
-#: particular not the base head's, whose code is all zeros: see ``default_face_code``).
+#: Seed of the identity code the generator draws SemID's default face with (``default_face_code``). The
+#: code conditions the generator only; the face shown is the population-average head (``face_subject``
+#: with no code), whose drawing the generator departs from only where a lesion is (``compensation``).
 DEFAULT_FACE_SEED = 31337
 
 
 def default_face_version() -> str:
     """What makes SemID's default face: files made from it (the generator's canvas) keep this, and are
     made again when it changes."""
-    return f"seed {DEFAULT_FACE_SEED}, unfolded to a Jacobian of {MIN_JACOBIAN} over {UNFOLD_WINDOW_MM:g} mm"
+    return (f"population-average head v{AVERAGE_HEAD_VERSION} (base {DEFAULT_FACE_BASE!r}), undeformed; "
+            f"generator code seed {DEFAULT_FACE_SEED}")
 
 
 def default_face_code(scale: float = IDENTITY_SCALE) -> np.ndarray:
-    """The identity code (``shape_code``) of SemID's default face."""
+    """The identity code (``shape_code``) the generator is given for SemID's default face."""
     return shape_code(draw_shape(np.random.default_rng(DEFAULT_FACE_SEED), scale), scale)
 
 
-def face_subject(code: np.ndarray | None = None, base: str = "small", scale: float = IDENTITY_SCALE) -> Subject:
-    """A face made from an identity code (``shape_code`` values in [-1, 1]; None: the default face),
-    on a base head, with no random field and unfolded (``_unfolded``): the canvas for ``Subject.visit(face=...)``."""
-    code = default_face_code(scale) if code is None else np.asarray(code, np.float32)
+def face_subject(code: np.ndarray | None = None, base: str = DEFAULT_FACE_BASE,
+                 scale: float = IDENTITY_SCALE) -> Subject:
+    """A face on a base head, with no random field and unfolded (``_unfolded``): the canvas for
+    ``Subject.visit(face=...)``.
+
+    Args:
+        code: an identity code (``shape_code`` values in [-1, 1]): the base deformed by those shape modes (a
+            synthetic identity); None: the base itself, undeformed (SemID's default face: on the default
+            base, the population average, nobody's face).
+        base: a ``BASES`` name (default: the population-average head).
+    """
+    if code is None:
+        code = np.zeros(len(SHAPE_MODES), np.float32)
+    code = np.asarray(code, np.float32)
     if code.shape != (len(SHAPE_MODES),):
         raise ValueError(f"an identity code has {len(SHAPE_MODES)} values, not {code.shape}")
     shape = {k: float(c) * scale * r for c, (k, r) in zip(code, SHAPE_MODES.items(), strict=True)}
-    subject = Subject(_load_base(base), 0, DEFAULT_FACE_SEED, scale, shape=shape, unfold=True)
+    subject = Subject(_load_base(base), 0, DEFAULT_FACE_SEED, scale, shape=shape, unfold=bool(np.any(code)))
     subject.subject_id = "face-" + "".join(f"{int(round(10 * float(c))):+d}" for c in code[:3])
     return subject
