@@ -66,22 +66,26 @@ def test_learned_fill_keeps_the_medicine_and_replaces_the_face(visit: ph.Visit) 
     assert rec["brain_voxels_changed"] == 0 and rec["unchanged_fraction_outside_block"] == 1.0
     assert rec["compensation"]["generator"] == comp.DEFAULT_WEIGHTS.name
     assert rec["drawing"] == "gated" and rec["drawn_box_voxels_kept"] > 0
-    assert rec["default_face_canvas"] == comp.CANVAS_FILE.name and rec["face_shown"] == "default face phantom"
-    risk = rec["residual_risk"]
-    # the critic does not single this subject out: its output is no closer to its own input than other
-    # subjects' outputs are (every output shows the same default face; subject 2 of this population happens
-    # to look like it to the critic, 0.95-0.96 from every subject's output, so no absolute bound is set)
-    own = risk["critic_similarity_output_to_input"]
+    assert rec["default_face_canvas"] == comp.CANVAS_FILE.name
+    assert rec["face_shown"] == "default face: the population-average head"
+    assert "critic_similarity_output_to_input" in rec["residual_risk"]
+    # the critic identifies no more of the population than chance: for each of its three subjects, against
+    # that subject's other visit (what a re-identifier holds), is its own output the most similar of the three
+    # outputs? (Against the same visit it would be: its pose, noise and bias field outside the block are the
+    # output's too.) Measured with the average face: 1 of 3 (subject 2: 0.978 against 0.921 and 0.820).
     model = comp.LearnedFill().model
-    fit = Deidentifier(1.0).locate(visit.image).fit.transform
-    scale = fb.intensity_scale(visit.image, "MR")
-    source_box = scale.normalise(fb.to_box(visit.image, fit))
-    others = []
-    for subject in (0,):
-        other = ph.Population(3, seed=2026).subject(subject).visit(1, "MR")
-        other_out = Deidentifier(1.0, fill=comp.LearnedFill()).run(other.image).image
-        others.append(model.similarity(scale.normalise(fb.to_box(other_out, fit)), source_box))
-    assert own < max(others) + 0.02, (own, others)
+    population = ph.Population(3, seed=2026)
+    outputs = [learned.image if subject == 2 else Deidentifier(1.0, fill=comp.LearnedFill()).run(
+        population.subject(subject).visit(1, "MR").image).image for subject in range(3)]
+    identified = 0
+    for subject in range(3):
+        gallery = population.subject(subject).visit(0, "MR").image
+        fit = Deidentifier(1.0).locate(gallery).fit.transform
+        scale = fb.intensity_scale(gallery, "MR")
+        held = scale.normalise(fb.to_box(gallery, fit))
+        similarity = [model.similarity(scale.normalise(fb.to_box(out, fit)), held) for out in outputs]
+        identified += int(np.argmax(similarity) == subject)
+    assert identified <= 1, identified
     # the face lesion inside B_p is still there, as bright or dark against its surroundings as before
     lesion = (labels == ph.FACE_LESION) & blocked
     assert lesion.sum() > 50
@@ -186,8 +190,10 @@ def test_synthetic_face_canvas_is_that_face_on_the_canonical_head() -> None:
     assert comp.synthetic_face_canvas(model, 0, code) is synthetic  # cached per code
     default, block = comp._canvas(model, 0)
     diff = np.abs(synthetic - default)
-    # measured: 0.0025 outside the block, 0.05 inside
-    assert diff[~block].mean() < 0.01 and diff[block].mean() > 0.03
+    # measured on the population-average head: 0.0007 outside the block, 0.026 inside (on the sample-derived
+    # face before: 0.0025 and 0.05; the average's smoother face moves less contrast for the same modes)
+    assert diff[~block].mean() < 0.01 and diff[block].mean() > 0.015
+    assert diff[block].mean() > 10 * diff[~block].mean()
 
 
 @pytest.mark.skipif(not comp.DEFAULT_WEIGHTS.exists(), reason="generator weights not trained")
@@ -227,7 +233,7 @@ def test_synthetic_identity_differs_by_seed(visit: ph.Visit) -> None:
     assert np.array_equal(arr[0], arr[2])
     assert not np.array_equal(arr[0], arr[1])
     assert a.record["identity_mode"] == "synthetic" and 1 <= a.record["identity_code_tries"] <= comp.SYNTHETIC_TRIES
-    assert a.record["face_shown"] == "synthetic face phantom"
+    assert a.record["face_shown"] == "synthetic face: the average head deformed by its code"
 
 
 class _AirFill:
@@ -271,10 +277,11 @@ def test_drawn_skin_meets_the_plain_fill_without_a_ledge(sample_head, monkeypatc
     monkeypatch.setattr(pl, "join_skin", lambda ctx, values, plain, seed=0: (values, {}))
     apart = deid.run(head, location=location)
     steps = {"original": steep_steps(head), "joined": steep_steps(joined.image), "apart": steep_steps(apart.image)}
-    # measured: original 636, joined 676, apart 793
-    # measured: original 821, joined 933, apart 1049 (the measure sees the ledge: the second check)
-    assert steps["joined"] < 1.2 * steps["original"] < steps["apart"], steps
-    assert steps["joined"] < 0.95 * steps["apart"], steps
+    # measured: original 636, joined 676, apart 793; original 821, joined 933, apart 1049; with the
+    # population-average face: original 821, joined 873, apart 903 (its drawn skin meets the plain fill
+    # with less of a ledge, so the measure no longer puts the unjoined one above 1.2x the original)
+    assert steps["joined"] < 1.2 * steps["original"], steps
+    assert steps["joined"] < steps["apart"], steps  # (by 11 % with the sample-derived face, 3 % with the average)
     blocked = sitk.GetArrayFromImage(joined.mask) > 0
     outside = ~blocked
     assert np.array_equal(sitk.GetArrayFromImage(joined.image)[outside], sitk.GetArrayFromImage(head)[outside])

@@ -923,8 +923,9 @@ class LearnedFill:
                   "identity_code_tries": tries, "drawing": self.drawing,
                   **({"drawn_box_voxels_kept": int((gate & mask).sum()),
                       "default_face_canvas": model._canvas_source.get(modality),
-                      "face_shown": ("default face phantom" if self.identity == "default"
-                                     else "synthetic face phantom")} if self.drawing == "gated" else {}),
+                      "face_shown": ("default face: the population-average head" if self.identity == "default"
+                                     else "synthetic face: the average head deformed by its code")}
+                   if self.drawing == "gated" else {}),
                   "residual_risk": {"critic_similarity_output_to_input": round(similarity, 4),
                                     "critic_similarity_block_only": round(blocked_only, 4),
                                     "identity_bits_left": bits_left},
