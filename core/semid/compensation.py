@@ -521,6 +521,7 @@ class Compensator:
     precision: torch.dtype = torch.float32
     #: ``default_face_box``'s canonical boxes per modality and drawings per (modality, code)
     _canvas: dict = field(default_factory=dict, init=False, repr=False)
+    _gate_canvas: dict = field(default_factory=dict, init=False, repr=False)
     _templates: dict = field(default_factory=dict, init=False, repr=False)
     _canvas_source: dict = field(default_factory=dict, init=False, repr=False)
     _canonical_fits: dict = field(default_factory=dict, init=False, repr=False)
@@ -705,12 +706,13 @@ def lesion_gate(drawn: np.ndarray, template: np.ndarray, mask: np.ndarray, contr
     return ndimage.binary_dilation(keep, iterations=GATE_GROW) & mask
 
 
-def _face_head(modality: int, code: np.ndarray | None = None) -> sitk.Image:
-    """The phantom head of identity ``code`` (None: SemID's default face), MR or its CT: no lesion, no
-    pose, no noise (``phantoms.face_subject``)."""
+def _face_head(modality: int, code: np.ndarray | None = None, base: str | None = None) -> sitk.Image:
+    """The phantom head of identity ``code`` (None: SemID's default face, the population-average head) on
+    ``base`` (default ``phantoms.DEFAULT_FACE_BASE``), MR or its CT: no lesion, no pose, no noise
+    (``phantoms.face_subject``)."""
     from semid import phantoms as ph
 
-    mr = sitk.Cast(ph.face_subject(code).anatomy, sitk.sitkInt16)
+    mr = sitk.Cast(ph.face_subject(code, base=base or ph.DEFAULT_FACE_BASE).anatomy, sitk.sitkInt16)
     return ph.ct_from_mr(mr) if modality == 1 else mr
 
 
@@ -718,6 +720,29 @@ def _head_box(head: sitk.Image, fit: sitk.Transform, modality: int) -> np.ndarra
     """``head`` brought into the face box by ``fit`` and normalised like any input: float32 (D, H, W)."""
     box = fb.to_box(head, fit, default=-1000.0 if modality == 1 else 0.0)
     return fb.intensity_scale(head, "CT" if modality == 1 else "MR").normalise(box).astype(np.float32)
+
+
+#: The base head the generator's training targets were drawn on (``facebox.phantom_sample``): its drawing
+#: of a face without a lesion is of this head with the default code, whatever face the block shows.
+GENERATOR_TARGET_BASE = "small"
+
+
+def gate_reference_canvas(modality: int) -> np.ndarray:
+    """What the generator was trained to draw for SemID's default code, with no lesion: the default code's
+    face on ``GENERATOR_TARGET_BASE``, in the face box by its own fit, normalised. Float32 (D, H, W).
+
+    Only the lesion gate looks at it (``default_face_box`` draws on it): a lesion is where the generator's
+    drawing departs from its drawing of this head, and this is the head it learnt to draw. It is never shown:
+    the block shows the population-average head (``default_face_canvas``). (Against the first version of
+    the average head the generator, trained on the other head, departed everywhere at the eyes and mouth:
+    14,677 voxels of its drawing were kept on the sample head at ``high``, opening holes in the face; with
+    this reference, 472.)"""
+    from semid import phantoms as ph
+    from semid.pipeline import Deidentifier
+
+    head = _face_head(modality, ph.default_face_code(), GENERATOR_TARGET_BASE)
+    mr = head if modality == 0 else _face_head(0, ph.default_face_code(), GENERATOR_TARGET_BASE)
+    return _head_box(head, Deidentifier(1.0).locate(mr).fit.transform, modality)
 
 
 def _canonical_fit() -> sitk.Transform:
@@ -765,6 +790,7 @@ def write_canvas(path: Path = CANVAS_FILE) -> Path:
     meta = {"atlas": load_atlas(None).version, "box_shape": list(fb.BOX_SHAPE),
             "face": ph.default_face_version(), "made_by": "semid train generator canvas"}
     np.savez_compressed(tmp, **{f"box_{m}": default_face_canvas(m).astype(np.float16) for m in (0, 1)},
+                        **{f"gate_{m}": gate_reference_canvas(m).astype(np.float16) for m in (0, 1)},
                         meta=np.array(json.dumps(meta)))
     tmp.replace(path)
     return path
@@ -780,31 +806,34 @@ def _canvas(model: Compensator, modality: int) -> tuple[np.ndarray, np.ndarray]:
     from semid.identity import load_atlas
 
     if modality not in model._canvas:
-        box = None
+        box = gate = None
         if CANVAS_FILE.exists():
             with np.load(CANVAS_FILE) as data:
                 meta = json.loads(str(data["meta"]))
                 # made with this atlas and this default face (an older file shows an older face)
                 if (meta.get("atlas") == load_atlas(None).version and f"box_{modality}" in data
-                        and meta.get("face") == ph.default_face_version()):
+                        and f"gate_{modality}" in data and meta.get("face") == ph.default_face_version()):
                     box = data[f"box_{modality}"].astype(np.float32)
+                    gate = data[f"gate_{modality}"].astype(np.float32)
         model._canvas_source[modality] = (CANVAS_FILE.name if box is not None
                                           else "made at run time (no matching file)")
         if box is None:
-            box = default_face_canvas(modality)
+            box, gate = default_face_canvas(modality), gate_reference_canvas(modality)
+        model._gate_canvas[modality] = gate
         model._canvas[modality] = (box, ndimage.binary_dilation(block_mask(1.0), iterations=2))
     return model._canvas[modality]
 
 
 def default_face_box(model: Compensator, modality: int, code: np.ndarray) -> np.ndarray:
-    """The generator's drawing of identity ``code`` on the canonical head (``default_face_canvas``) blocked
-    by the atlas's ``B_1`` grown by 2 voxels: normalised (D, H, W) float32, the same for every subject, so
-    it carries nobody's identity. Cached per modality and code on ``model``."""
+    """The generator's drawing of identity ``code`` on the head it learnt to draw (``gate_reference_canvas``)
+    blocked by the atlas's ``B_1`` grown by 2 voxels: normalised (D, H, W) float32, the same for every
+    subject; the lesion gate's reference, never shown. Cached per modality and code on ``model``."""
     key = (int(modality), np.asarray(code, np.float32).round(6).tobytes())
     cache = model._templates
     template = cache.get(key)
     if template is None:  # a local, so a batch thread's clear() between the two lines cannot lose it
-        box, block = _canvas(model, int(modality))
+        _, block = _canvas(model, int(modality))
+        box = model._gate_canvas[int(modality)]  # the head the generator learnt to draw (gate_reference_canvas)
         template = np.where(block, model.fill(box, block, int(modality), code), box).astype(np.float32)
         if len(cache) > 16:  # synthetic identities draw a new code per volume
             cache.clear()
