@@ -100,7 +100,7 @@ BASES: dict[str, tuple[str, float | None]] = {
     "small": ("samples/t1w_small.nii.gz", None),  # the real T1w head at 2 mm (default, fast)
     "full": ("heads/t1w_real.nii.gz", None),  # the real T1w head at 1 mm (~8x slower)
     "mean": ("templates/mean_head.nii.gz", 2.0),  # pydeface's average head, resampled to 2 mm
-    "average": (AVERAGE_HEAD, None),  # the population average of three average heads (semid.average_head)
+    "average": (AVERAGE_HEAD, None),  # the population average of two average heads (semid.average_head)
 }
 #: The base of SemID's default face and of its synthetic identities: a population average, nobody's head.
 DEFAULT_FACE_BASE = "average"
@@ -627,8 +627,8 @@ class Population:
     Args:
         n_subjects: number of subjects.
         seed: population seed.
-        base: "small" (the real T1w head at 2 mm, default), "full" (the same at 1 mm, slower) or
-            "mean" (pydeface's average head at 2 mm).
+        base: "small" (the real T1w head at 2 mm, default), "full" (the same at 1 mm, slower),
+            "mean" (pydeface's average head at 2 mm) or "average" (SemID's population-average head, 2 mm).
         modalities: modalities that ``visits`` yields.
 
     Example:
