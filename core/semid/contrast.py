@@ -26,6 +26,8 @@ BINS = 16
 KEEP_BELOW = 0.04
 #: Fewest voxels the map is learnt from.
 MIN_VOXELS = 2000
+#: Voxels mapped at a time (``own_contrast``).
+SLAB_VOXELS = 1 << 20
 
 
 def tissue_map(drawn: np.ndarray, person: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +62,11 @@ def own_contrast(values: np.ndarray, person: np.ndarray, learn: np.ndarray) -> t
     if departure < KEEP_BELOW:
         return values, {"fill_contrast": "canvas (already this image's contrast)",
                         "fill_contrast_departure": round(departure, 3)}
-    mapped = np.interp(values, centres, levels).astype(np.float32)
+    # slab by slab: np.interp returns float64, and a whole 1 mm head's ROI of it is ~90 MB at the run's peak
+    mapped = np.empty(values.shape, np.float32)
+    flat_in, flat_out = values.reshape(-1), mapped.reshape(-1)
+    for start in range(0, flat_in.size, SLAB_VOXELS):
+        flat_out[start:start + SLAB_VOXELS] = np.interp(flat_in[start:start + SLAB_VOXELS], centres, levels)
     return mapped, {"fill_contrast": f"this image's tissue levels ({len(centres)} levels learnt over the region)",
                     "fill_contrast_departure": round(departure, 3)}
 
